@@ -142,3 +142,29 @@ def resolve_model_path(path_or_hub_id: str) -> Path:
 def weight_bytes(model: torch.nn.Module) -> int:
     "Bytes of the parameters this rank holds (works on the meta device, where nothing is allocated)."
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_random_checkpoint(config: ModelConfig, model_dir: str | Path, seed: int = 0,
+                           max_shard_size: str | None = None) -> Path:
+    """Write a random Qwen3-MoE checkpoint with transformers' own `save_pretrained`: the real file layout and
+    key names, at any size. For tests, notebooks and laptops; needs transformers.
+
+    The weights are scaled so a tiny model's logits are far from uniform (distinct greedy tokens make
+    parity tests sharp): embeddings N(0, 1), router N(0, 0.5), other matrices N(0, 0.1), norms near 1.
+    `max_shard_size` (e.g. "100KB") splits the file and writes `model.safetensors.index.json`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config.to_hf_dict()))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif "embed_tokens" in name:
+                param.normal_(0.0, 1.0)
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)
+            else:
+                param.normal_(0.0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(model_dir, **kwargs)
+    return Path(model_dir)
