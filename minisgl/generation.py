@@ -29,6 +29,21 @@ class GenerationStats:
     per_step_seconds: list[float] = field(default_factory=list)
 
 
+def check_prompts(prompts: list[list[int]], new_tokens: int, max_seq_len: int, vocab_size: int) -> None:
+    "Each prompt non-empty, in the vocabulary, and short enough to leave room for `new_tokens`."
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        if len(prompt) + new_tokens > max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={new_tokens} it needs "
+                             f"{len(prompt) + new_tokens} positions, but the context is {max_seq_len}")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
 class Generator:
     """Runs a batch of prompts through one model replica per TP group.
 
@@ -39,20 +54,6 @@ class Generator:
         self.model, self.ctx = model, model.ctx
         self.max_seq_len = max_seq_len or model.max_positions
         self.stats = GenerationStats()
-
-    def _check(self, prompts: list[list[int]], new_tokens: int) -> None:
-        if not prompts:
-            raise ValueError("no prompts to generate from")
-        vocab = self.model.config.vocab_size
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
-            if len(prompt) + new_tokens > self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={new_tokens} it needs "
-                                 f"{len(prompt) + new_tokens} positions, but the context is {self.max_seq_len}")
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
 
     def _sync(self):
         if self.ctx.device.type == "cuda":
@@ -68,7 +69,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
         "Every rank gets every prompt and returns every result, in prompt order."
-        self._check(prompts, params.max_new_tokens)
+        check_prompts(prompts, params.max_new_tokens, self.max_seq_len, self.model.config.vocab_size)
         device, ctx = self.ctx.device, self.ctx
         mine = list(range(ctx.ep_rank, len(prompts), ctx.ep_size))
         my_prompts = [prompts[i] for i in mine]
@@ -124,7 +125,7 @@ class Generator:
     @torch.no_grad()
     def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         "Teacher-forced log-probabilities of tokens 1..n-1 of each prompt given the ones before (float32)."
-        self._check(prompts, 0)
+        check_prompts(prompts, 0, self.max_seq_len, self.model.config.vocab_size)
         device, ctx = self.ctx.device, self.ctx
         mine = list(range(ctx.ep_rank, len(prompts), ctx.ep_size))
         my_prompts = [prompts[i] for i in mine]
