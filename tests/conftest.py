@@ -30,3 +30,10 @@ def reference_model(tiny_checkpoint):
     "transformers' Qwen3MoeForCausalLM in float32 on CPU, loaded from the tiny checkpoint."
     from transformers import Qwen3MoeForCausalLM
     return Qwen3MoeForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+def pytest_configure(config):
+    "Without a GPU, Triton kernels run in Triton's interpreter; this must be set before triton is imported."
+    import os
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")

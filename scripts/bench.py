@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Benchmark Qwen3-30B-A3B (random weights at the real shape) on GPUs, beside the two ceilings of the machine.
+
+    torchrun --nproc_per_node=N scripts/bench.py --tp_size T --ep_size E [--reference] [--out results/bench]
+
+One run measures, in this order:
+  ceilings   the GPU's copy bandwidth and bf16 matmul rate (each rank its own; rank 0's are reported);
+  single     one sequence: time to first token of a 512-token prompt, then decode tok/s over 256 tokens;
+  eager      the same single sequence with the fast paths off (the plain PyTorch model), fewer tokens;
+  batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
+  prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill: tok/s;
+  reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
+             the same machine with the same shapes: the floor we compare against.
+Each result is printed beside its roofline fraction, and everything goes to one JSON file named after
+the GPU, the layout and the date, which chapter 09 reads.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minisgl.config import active_parameter_counts, parameter_counts, preset
+from minisgl.distributed import init_distributed
+from minisgl.fast import FastForward
+from minisgl.generation import Generator
+from minisgl.loader import DummySource, weight_bytes
+from minisgl.model import Qwen3MoeForCausalLM
+from minisgl.sampling import SamplingParams
+
+
+def log(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def timed(fn, device, repeat=1):
+    "Median seconds of `fn()` over `repeat` runs, synchronising the device around each."
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings(device) -> dict:
+    "Copy bandwidth (bytes read + written) of a 4 GiB copy, and bf16 matmul rate of 8192^3, on random data."
+    src = torch.randn(2**30, device=device)  # 4 GiB of float32
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    copy_s = timed(lambda: [dst.copy_(src) for _ in range(10)], device, repeat=3) / 10
+    del src, dst
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    mm_s = timed(lambda: [a @ b for _ in range(20)], device, repeat=3) / 20
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_second": 2 * 4 * 2**30 / copy_s, "bf16_flops_per_second": 2 * 8192**3 / mm_s}
+
+
+def random_prompts(count, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=g).tolist()
+
+
+def run_generate(generator, prompts, new_tokens) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    results = generator.generate(prompts, params)
+    s = generator.stats
+    return {"sequences": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens,
+            "time_to_first_token_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+            "decode_steps": s.decode_steps,
+            "decode_tokens_per_second": len(prompts) * s.decode_steps / s.decode_seconds if s.decode_seconds else None,
+            "output_tokens_per_second": len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds),
+            "first_output_ids": results[0].output_ids[:16]}
+
+
+def reference_transformers(config, device, prompt_len, new_tokens, batches) -> dict:
+    "transformers' Qwen3MoeForCausalLM.generate with random bf16 weights at the same shape, on one GPU."
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM as HFModel
+    hf_config = Qwen3MoeConfig(**config.to_hf_dict())
+    with torch.device(device):
+        model = HFModel._from_config(hf_config, dtype=torch.bfloat16).eval()
+    out = {"transformers_version": __import__("transformers").__version__}
+    for batch in batches:
+        ids = torch.tensor(random_prompts(batch, prompt_len, config.vocab_size, seed=7), device=device)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(ids[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm up
+        seconds = timed(lambda: model.generate(ids, **kwargs), device)
+        out[f"batch_{batch}"] = {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
+                                 "output_tokens_per_second": batch * new_tokens / seconds}
+        log(f"reference transformers batch {batch}: {batch * new_tokens / seconds:.1f} output tok/s")
+    del model
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--ep_size", type=int, default=1)
+    p.add_argument("--prompt_len", type=int, default=512)
+    p.add_argument("--decode_tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prefill_seqs", type=int, default=16)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,eager,batch,prefill")
+    p.add_argument("--reference", action="store_true", help="also time transformers' generate (rank 0, one GPU)")
+    p.add_argument("--reference_tokens", type=int, default=32)
+    p.add_argument("--no_graphs", action="store_true")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--tag", default="", help="appended to the result file name")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    ctx = init_distributed(args.tp_size, args.ep_size, "cuda")
+    device = ctx.device
+    config = preset("qwen3-30b-a3b")
+    gpu = torch.cuda.get_device_name(device)
+    report = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "layout": {"tp_size": ctx.tp_size, "ep_size": ctx.ep_size, "world_size": ctx.world_size},
+              "shape": "qwen3-30b-a3b (random bf16 weights)", "phases": {}}
+    log(f"bench on {ctx.world_size} x {gpu}: tp={ctx.tp_size} ep={ctx.ep_size}")
+
+    ceilings = measure_ceilings(device)
+    report["ceilings"] = ceilings
+    active_bytes = 2 * sum(active_parameter_counts(config).values())
+    flops_per_token = 2 * sum(active_parameter_counts(config).values())
+    bandwidth, flops = ceilings["copy_bytes_per_second"], ceilings["bf16_flops_per_second"]
+    report["roofline"] = {"active_bytes_per_token": active_bytes, "flops_per_token": flops_per_token,
+                          "batch1_decode_tokens_per_second_one_gpu": bandwidth / active_bytes,
+                          "prefill_tokens_per_second_one_gpu": flops / flops_per_token}
+    log(f"ceilings: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; "
+        f"batch-1 decode roofline (1 GPU) {bandwidth / active_bytes:.0f} tok/s")
+
+    max_len = args.prompt_len + args.decode_tokens + 8
+    start = time.perf_counter()
+    model = Qwen3MoeForCausalLM(config, ctx, dtype=torch.bfloat16, max_positions=max_len)
+    model.load(DummySource(config, seed=0, device=device))
+    torch.cuda.synchronize(device)
+    report["load_seconds"] = time.perf_counter() - start
+    report["weight_bytes_per_rank"] = weight_bytes(model)
+    log(f"model built in {report['load_seconds']:.1f} s, {report['weight_bytes_per_rank'] / 2**30:.2f} GiB "
+        f"of weights per rank")
+
+    fast = FastForward(model, use_graphs=not args.no_graphs)
+    generator = Generator(model, max_len, fast=fast)
+    vocab = config.vocab_size
+    phases = report["phases"]
+
+    if "single" not in skip:
+        prompt = random_prompts(1, args.prompt_len, vocab, seed=1)
+        run_generate(generator, prompt, 8)  # warm-up: Triton compiles, graphs are captured
+        r = run_generate(generator, prompt, args.decode_tokens)
+        r["roofline_fraction"] = r["decode_tokens_per_second"] / (bandwidth / active_bytes)
+        phases["single"] = r
+        log(f"single: TTFT {r['time_to_first_token_seconds'] * 1e3:.1f} ms, decode "
+            f"{r['decode_tokens_per_second']:.1f} tok/s = {100 * r['roofline_fraction']:.0f}% of the 1-GPU roofline")
+
+    if "eager" not in skip:
+        eager = Generator(model, max_len)
+        prompt = random_prompts(1, args.prompt_len, vocab, seed=1)
+        run_generate(eager, prompt, 4)
+        r = run_generate(eager, prompt, 32)
+        r["roofline_fraction"] = r["decode_tokens_per_second"] / (bandwidth / active_bytes)
+        phases["eager"] = r
+        log(f"eager (fast paths off): TTFT {r['time_to_first_token_seconds'] * 1e3:.1f} ms, decode "
+            f"{r['decode_tokens_per_second']:.1f} tok/s")
+        del eager
+
+    if "batch" not in skip:
+        prompts = random_prompts(args.batch, args.prompt_len, vocab, seed=2)
+        run_generate(generator, prompts[:args.batch], 4)  # warm-up at this size
+        r = run_generate(generator, prompts, args.decode_tokens)
+        phases["batch"] = r
+        log(f"batch {args.batch}: {r['output_tokens_per_second']:.0f} output tok/s "
+            f"(prefill {r['time_to_first_token_seconds']:.2f} s, decode {r['decode_tokens_per_second']:.0f} tok/s)")
+
+    if "prefill" not in skip:
+        prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+        fast.prepare(len(prompts), max_len)
+        fast.prefill(prompts)
+        seconds = timed(lambda: fast.prefill(prompts), device, repeat=3)
+        tokens = len(prompts) * args.prompt_len
+        r = {"sequences": len(prompts), "prompt_tokens": args.prompt_len, "seconds": seconds,
+             "tokens_per_second": tokens / seconds,
+             "matmul_fraction": tokens * flops_per_token / seconds / (flops * ctx.world_size)}
+        phases["prefill"] = r
+        log(f"prefill {tokens} tokens: {r['tokens_per_second']:.0f} tok/s = {100 * r['matmul_fraction']:.0f}% of "
+            f"the bf16 matmul ceiling of {ctx.world_size} GPU(s)")
+
+    report["peak_memory_bytes_per_rank"] = torch.cuda.max_memory_allocated(device)
+    if ctx.world_size > 1:
+        peaks = [None] * ctx.world_size
+        dist.all_gather_object(peaks, report["peak_memory_bytes_per_rank"])
+        report["peak_memory_bytes_per_rank"] = peaks
+
+    del generator, fast, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if args.reference and ctx.rank == 0:
+        report["reference"] = reference_transformers(config, device, args.prompt_len, args.reference_tokens,
+                                                     batches=(1, 64))
+    if ctx.rank == 0:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+        path = out_dir / f"{slug}_tp{ctx.tp_size}_ep{ctx.ep_size}_{report['date']}{args.tag}.json"
+        path.write_text(json.dumps(report, indent=2))
+        log(f"wrote {path}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

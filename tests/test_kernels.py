@@ -1,0 +1,114 @@
+"""Each Triton kernel against the plain PyTorch path it replaces: fresh random inputs, poisoned outputs.
+
+On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py), which is exact for float32 and float16 but not bfloat16; on a GPU they also run in
+bfloat16 with a bfloat16-sized tolerance."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisgl.kernels.triton_kernels import (add_rms_norm, decode_attention, gemv, moe_down, moe_gate_up,
+                                            qk_norm_rope_cache, topk_softmax, triton_available)
+from minisgl.layers.mlp import silu_and_mul
+from minisgl.layers.norm import RMSNorm
+from minisgl.layers.rotary import RotaryEmbedding
+from minisgl.moe.gate import select_experts
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype):
+    x, res = torch.randn(5, 96, dtype=dtype, device=DEVICE), torch.randn(5, 96, dtype=dtype, device=DEVICE)
+    norm = RMSNorm(96, 1e-6, dtype, DEVICE)
+    norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    out, summed = add_rms_norm(x, norm.weight, 1e-6, residual=res)
+    assert torch.equal(summed, x + res)
+    assert rel_err(out, norm(x + res)) < TOL[dtype]
+    assert rel_err(add_rms_norm(x, norm.weight, 1e-6), norm(x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_cache(dtype):
+    tokens, heads, kv_heads, d = 3, 4, 2, 32
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
+    q_norm, k_norm = RMSNorm(d, 1e-6, dtype, DEVICE), RMSNorm(d, 1e-6, dtype, DEVICE)
+    q_norm.weight.copy_(1 + 0.1 * torch.randn(d)), k_norm.weight.copy_(1 + 0.1 * torch.randn(d))
+    rotary = RotaryEmbedding(d, 10000.0, 64, DEVICE)
+    positions = torch.tensor([5, 0, 17], device=DEVICE)
+    rows = torch.tensor([2, 0, 1], device=DEVICE)
+    k_cache = torch.full((3, kv_heads, 64, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    q = qk_norm_rope_cache(qkv, heads, kv_heads, d, q_norm.weight, k_norm.weight, 1e-6, rotary.cos, rotary.sin,
+                           positions, rows, k_cache, v_cache)
+    q_ref, k_ref, v_ref = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q_ref, k_ref = rotary(positions, q_norm(q_ref.view(tokens, heads, d)), k_norm(k_ref.view(tokens, kv_heads, d)))
+    assert rel_err(q, q_ref) < TOL[dtype]
+    assert rel_err(k_cache[rows, :, positions], k_ref) < TOL[dtype]
+    assert torch.equal(v_cache[rows, :, positions], v_ref.view(tokens, kv_heads, d))
+    written = torch.zeros_like(k_cache, dtype=torch.bool)
+    written[rows, :, positions] = True
+    assert k_cache[~written].isnan().all(), "the kernel wrote outside its (row, position) slots"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (2, 1)])
+def test_decode_attention(dtype, heads, kv_heads):
+    seqs, d, max_len = 3, 64, 300
+    k_cache = torch.randn(4, kv_heads, max_len, d, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(seqs, heads, d, dtype=dtype, device=DEVICE)
+    rows = torch.tensor([3, 0, 1], device=DEVICE)
+    lens = torch.tensor([1, 257, 70], device=DEVICE)
+    out = decode_attention(q, k_cache, v_cache, rows, lens, scale=d ** -0.5, num_splits=4, block_n=32)
+    for i in range(seqs):
+        n, r = lens[i].item(), rows[i].item()
+        ref = F.scaled_dot_product_attention(q[i:i + 1, :, None].float(), k_cache[r:r + 1, :, :n].float(),
+                                             v_cache[r:r + 1, :, :n].float(), scale=d ** -0.5, enable_gqa=True)
+        assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype], (i, n)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_topk_softmax(normalize):
+    logits = torch.randn(7, 128, device=DEVICE)
+    weights, ids = topk_softmax(logits, 8, normalize)
+    ref_weights, ref_ids = select_experts(logits, 8, normalize)
+    assert torch.equal(ids, ref_ids)
+    assert rel_err(weights, ref_weights) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_matches_grouped_experts(dtype):
+    tokens, top_k, experts, hidden, inter = 3, 2, 6, 64, 48
+    x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    w13 = 0.1 * torch.randn(experts, 2 * inter, hidden, dtype=dtype, device=DEVICE)
+    w2 = 0.1 * torch.randn(experts, hidden, inter, dtype=dtype, device=DEVICE)
+    weights, ids = select_experts(torch.randn(tokens, experts, device=DEVICE), top_k, True)
+    ids[1, 1] = -1  # a padding slot contributes nothing
+    h = moe_gate_up(x, w13, ids.flatten(), rows_per_x=top_k, blocks=(16, 32, 4))
+    out = moe_down(h, w2, ids.flatten(), weights.flatten(), top_k, blocks=(16, 32, 4))
+    ref = torch.zeros(tokens, hidden, dtype=torch.float32, device=DEVICE)
+    for t in range(tokens):
+        for s in range(top_k):
+            e = ids[t, s].item()
+            if e < 0:
+                assert h[t * top_k + s].eq(0).all()
+                continue
+            y = silu_and_mul(x[t] @ w13[e].t()) @ w2[e].t()
+            ref[t] += weights[t, s].float() * y.float()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv(dtype):
+    x = torch.randn(2, 200, dtype=dtype, device=DEVICE)
+    w = torch.randn(70, 200, dtype=dtype, device=DEVICE)
+    assert rel_err(gemv(x, w, blocks=(16, 64, 4)), x.float() @ w.float().t()) < TOL[dtype]
