@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .distributed import all_reduce, all_to_all
-from .kernels.triton_kernels import (add_rms_norm, decode_attention, gemv, moe_down, moe_gate_up,
-                                     qk_norm_rope_cache, topk_softmax)
+from .kernels.triton_kernels import (add_rms_norm, decode_attention, moe_down, moe_gate_up, qk_norm_rope_cache,
+                                     silu_and_mul, topk_softmax, weighted_sum)
 from .layers.attention import KVCache
 from .layers.mlp import DenseMLP
 from .model import Qwen3MoeForCausalLM
@@ -19,14 +19,6 @@ from .moe.experts import grouped_gemm
 # chosen experts' weights; beyond it, rows are sorted by expert and run as a grouped GEMM, which reads
 # each expert once however many rows it gets.
 GEMV_MAX_ROWS = 64
-
-
-# Rows up to which the attention projections use the Triton gemv instead of cuBLAS (0: never).
-GEMV_MAX_TOKENS = 0
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return gemv(x, weight) if x.shape[0] <= GEMV_MAX_TOKENS and x.is_cuda else F.linear(x, weight)
 
 
 def bucket(batch: int, sizes: tuple[int, ...]) -> int | None:
@@ -56,12 +48,13 @@ class FastForward:
     # ---- the pieces of one layer -------------------------------------------------------------------
     def _attention_decode(self, layer, x, positions, rows, kv_lens, kv):
         attn = layer.self_attn
-        qkv = linear(x, attn.qkv_proj.weight)
+        qkv = F.linear(x, attn.qkv_proj.weight)
         q = qk_norm_rope_cache(qkv, attn.num_local_heads, attn.num_local_kv_heads, attn.head_dim,
                                attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, attn.rotary.cos,
                                attn.rotary.sin, positions, rows, kv[0], kv[1])
         out = decode_attention(q, kv[0], kv[1], rows, kv_lens, attn.scale)
-        return all_reduce(linear(out.view(x.shape[0], -1), attn.o_proj.weight), self.ctx.tp_group)
+        out = out.view(x.shape[0], attn.num_local_heads * attn.head_dim)  # [tokens, local heads * d]
+        return all_reduce(F.linear(out, attn.o_proj.weight), self.ctx.tp_group)
 
     def _attention_prefill(self, layer, x, positions, rows, lens, first_row, kv):
         """Sequences in cache rows first_row, first_row + 1, ... start at position 0 with `lens[i]` tokens:
@@ -108,16 +101,17 @@ class FastForward:
         return mlp.experts(expert_in, tokens_per_expert), state
 
     def _moe_sorted(self, experts, x, weights, ids):
-        "No EP: sort (token, slot) rows by expert, one grouped GEMM per projection; no host sync."
+        """No EP: sort (token, slot) rows by expert, one grouped GEMM per projection; no host sync.
+        The scatter back to token order and the top-k weighted sum are one gathering kernel."""
         flat = ids.flatten()
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)                 # sorted row i is pair order[i]
         counts = torch.zeros(experts.num_local_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        h = experts(x[order // self.top_k], counts)  # [tokens * top_k, hidden], expert order
-        per_pair = torch.empty_like(h)
-        per_pair[order] = h
-        weighted = per_pair.view(x.shape[0], self.top_k, -1).float() * weights.float()[..., None]
-        return weighted.sum(dim=1).to(x.dtype)
+        h = silu_and_mul(grouped_gemm(x[order // self.top_k], experts.w13, counts))
+        y = grouped_gemm(h, experts.w2, counts)                  # [tokens * top_k, hidden], expert order
+        row_of_pair = torch.empty_like(order)
+        row_of_pair[order] = torch.arange(order.numel(), device=x.device)
+        return weighted_sum(y, weights, self.top_k, rows=row_of_pair)
 
     def _moe_fixed_capacity(self, experts, x, weights, ids):
         """EP with fixed-size messages (graph-safe): every rank sends every peer `capacity` rows, real or

@@ -6,7 +6,7 @@
 # %% auto #0
 __all__ = ['GenerationResult', 'GenerationStats', 'check_prompts', 'Generator']
 
-# %% ../notebooks/07_generation.ipynb #9a487981
+# %% ../notebooks/07_generation.ipynb #f2e4e748
 import time
 from dataclasses import dataclass, field
 
@@ -17,12 +17,15 @@ from .layers.attention import AttentionBatch, KVCache
 from .model import Qwen3MoeForCausalLM
 from .sampling import SamplingParams, sample
 
-# %% ../notebooks/07_generation.ipynb #6d56be46
+# %% ../notebooks/07_generation.ipynb #85ed702f
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
     output_ids: list[int]
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    # With Generator.record_margins: the gap between the two largest logits at each step. Where two
+    # layouts (or two kernels) pick different greedy tokens, a tiny gap there says it was a near-tie.
+    margins: list[float] | None = None
 
 
 @dataclass
@@ -50,18 +53,24 @@ def check_prompts(prompts: list[list[int]], new_tokens: int, max_seq_len: int, v
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
-# %% ../notebooks/07_generation.ipynb #6b4f0540
+# %% ../notebooks/07_generation.ipynb #5caab7a4
 class Generator:
     """Runs a batch of prompts through one model replica per TP group.
 
     Prompt i goes to replica i % ep_size. Every rank takes every step, with an empty batch if its
     replica has nothing left, because the MoE all_to_alls need every member of the EP group."""
 
-    def __init__(self, model: Qwen3MoeForCausalLM, max_seq_len: int | None = None, fast=None):
+    def __init__(self, model: Qwen3MoeForCausalLM, max_seq_len: int | None = None, fast=None,
+                 max_prefill_tokens: int = 16384):
         self.model, self.ctx = model, model.ctx
         self.max_seq_len = max_seq_len or model.max_positions
         # Optional: chapter 09's FastForward, the same forward through fused kernels and CUDA graphs.
         self.fast, self._decode_rows = fast, None
+        # The fast path prefills in chunks of whole prompts of at most this many tokens, so a batch of
+        # 256 long prompts does not need 256 prompts' worth of activations at once.
+        self.max_prefill_tokens = max_prefill_tokens
+        self._prefill_chunk, self._prefill_chunks = 1, 1
+        self.record_margins, self._margins = False, []
         self.stats = GenerationStats()
 
     def replica_prompts(self, count: int) -> list[int]:
@@ -76,14 +85,18 @@ class Generator:
         mine = self.replica_prompts(len(prompts))
         my_prompts = [prompts[i] for i in mine]
         lens = [len(p) for p in my_prompts]
-        kv_cache = self._make_kv_cache(len(mine), -(-len(prompts) // ctx.ep_size),
-                                       max(map(len, prompts)) + params.max_new_tokens)
+        most_per_replica, longest = -(-len(prompts) // ctx.ep_size), max(map(len, prompts))
+        kv_cache = self._make_kv_cache(len(mine), most_per_replica, longest + params.max_new_tokens)
+        # Every replica runs the same number of prefill chunks (the MoE all_to_alls pair them up).
+        self._prefill_chunk = max(1, self.max_prefill_tokens // longest)
+        self._prefill_chunks = -(-most_per_replica // self._prefill_chunk)
         # Seeded per replica, not per rank: a TP group's ranks draw the same noise, so they pick the same tokens.
         generator = torch.Generator(device=device).manual_seed(params.seed * 1_000_003 + ctx.ep_rank)
         stop_ids = torch.tensor(params.stop_token_ids or (-1,), device=device)
         out = torch.zeros(len(mine), params.max_new_tokens, dtype=torch.long, device=device)  # [seqs, new tokens]
         done = torch.zeros(len(mine), dtype=torch.bool, device=device)                         # [seqs]
         stats = self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+        self._margins = []
 
         self._sync()
         start = time.perf_counter()
@@ -93,13 +106,16 @@ class Generator:
         self._sync()
         stats.prefill_seconds = time.perf_counter() - start
 
+        prompt_lens = torch.tensor(lens, dtype=torch.long, device=device)  # [seqs]
         steps, start = 1, time.perf_counter()
-        while steps < params.max_new_tokens and not self._all_done(done):
+        # Without stop tokens every sequence runs to max_new_tokens: no need to ask (a host sync per step).
+        while steps < params.max_new_tokens and not (params.stop_token_ids and self._all_done(done)):
             step_start = time.perf_counter()
             # The token sampled last step sits at position len(prompt) + steps - 1 of its sequence.
-            tokens = self.decode_step(tokens, [n + steps - 1 for n in lens], kv_cache, params, generator)
+            tokens = self.decode_step(tokens, prompt_lens + (steps - 1), kv_cache, params, generator)
             out[:, steps] = tokens
-            done |= torch.isin(tokens, stop_ids)
+            if params.stop_token_ids:
+                done |= torch.isin(tokens, stop_ids)
             steps += 1
             stats.per_step_seconds.append(time.perf_counter() - step_start)
         self._sync()
@@ -107,6 +123,10 @@ class Generator:
         stats.decode_steps = steps - 1
 
         mine_results = [_result(p, row, params.stop_token_ids) for p, row in zip(my_prompts, out[:, :steps].tolist())]
+        if self.record_margins:
+            margins = torch.stack(self._margins, dim=1).tolist() if mine else []  # [seqs, steps]
+            for result, row in zip(mine_results, margins):
+                result.margins = row[:len(result.output_ids)]
         results = self._gather(dict(zip(mine, mine_results)), len(prompts))
         stats.output_tokens = sum(len(r.output_ids) for r in results)
         return results
@@ -116,22 +136,30 @@ class Generator:
         "Whole prompts, packed into one forward: fills the cache, returns each prompt's first new token [seqs]."
         device = self.ctx.device
         if self.fast is not None:
-            return sample(self.fast.prefill(prompts), params, generator)
+            size = self._prefill_chunk
+            logits = [self.fast.prefill(prompts[i:i + size], first_row=i)
+                      for i in range(0, self._prefill_chunks * size, size)]
+            return self._sample(torch.cat(logits), params, generator)
         lens = [len(p) for p in prompts]
         batch = AttentionBatch.build(lens, [0] * len(prompts), device=device)
         input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # [tokens]
         last_token = torch.tensor(lens, dtype=torch.long, device=device).cumsum(0) - 1           # [seqs]
-        return sample(self.model(input_ids, batch, kv_cache, logits_index=last_token), params, generator)
+        return self._sample(self.model(input_ids, batch, kv_cache, logits_index=last_token), params, generator)
 
-    def decode_step(self, tokens: torch.Tensor, positions: list[int], kv_cache: KVCache, params: SamplingParams,
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, params: SamplingParams,
                     generator: torch.Generator) -> torch.Tensor:
-        "One token per sequence (`tokens` [seqs] at `positions`) through the model; returns the next ones [seqs]."
-        device = self.ctx.device
+        """One token per sequence (`tokens` [seqs] at `positions` [seqs], both on the device) through the model;
+        returns the next ones [seqs]. The fast path never reads them on the host, so the CPU runs ahead."""
         if self.fast is not None:
-            positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-            return sample(self.fast.decode(tokens, positions_t, self._decode_rows), params, generator)
-        batch = AttentionBatch.build([1] * len(positions), positions, device=device)
-        return sample(self.model(tokens, batch, kv_cache), params, generator)
+            return self._sample(self.fast.decode(tokens, positions, self._decode_rows), params, generator)
+        batch = AttentionBatch.build([1] * len(positions), positions.tolist(), device=self.ctx.device)
+        return self._sample(self.model(tokens, batch, kv_cache), params, generator)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        if self.record_margins:
+            top2 = logits.float().topk(2, dim=-1).values  # [seqs, 2]
+            self._margins.append(top2[:, 0] - top2[:, 1])
+        return sample(logits, params, generator)
 
     def _make_kv_cache(self, seqs: int, most_seqs_per_replica: int, max_len: int) -> KVCache:
         if self.fast is None:

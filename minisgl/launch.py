@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_PROMPT', 'EXAMPLES', 'LOAD_ERRORS', 'REPORT_GRACE_S', 'parse
            'prepare', 'LoadError', 'failed_ranks', 'load_model', 'gather_per_rank', 'make_report', 'execute', 'run',
            'format_report', 'main']
 
-# %% ../notebooks/08_capstone.ipynb #09358d7a
+# %% ../notebooks/08_capstone.ipynb #1b1727a6
 import argparse
 import datetime
 import json
@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from .config import ModelConfig, parameters_per_rank, preset
 from .distributed import ParallelContext, ParallelLayout, init_distributed
+from .fast import FastForward
 from .generation import Generator, GenerationResult, GenerationStats, check_prompts
 from .loader import DummySource, SafetensorsSource, check_checkpoint, resolve_model_path, weight_bytes
 from .model import Qwen3MoeForCausalLM, check_layout
@@ -31,7 +32,7 @@ from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 from .weights import CheckpointError, WeightSource
 
-# %% ../notebooks/08_capstone.ipynb #b40ea60e
+# %% ../notebooks/08_capstone.ipynb #69d17a8c
 DEFAULT_PROMPT = "The capital of France is"
 
 EXAMPLES = """examples:
@@ -70,12 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="context length: prompt + new tokens (default: the config's max_position_embeddings)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed generations before the timed one (default: 1 on cuda, 0 on cpu)")
+                   help="untimed generations (same prompts and lengths) before the timed one; default: 1 on cuda, 0 on cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait before failing")
     p.add_argument("--json", help="write prompts, outputs, layout and timing to this file (rank 0)")
+    p.add_argument("--no_fast", action="store_true",
+                   help="on CUDA, run the plain PyTorch model instead of chapter 09's kernels and CUDA graphs")
+    p.add_argument("--record_margins", action="store_true",
+                   help="report the top-2 logit gap of every greedy step (to explain differing tokens)")
     return p.parse_args(argv)
 
-# %% ../notebooks/08_capstone.ipynb #c8eefa6d
+# %% ../notebooks/08_capstone.ipynb #c7c5b35d
 def check_world_size(world_size: int, tp_size: int, ep_size: int) -> None:
     "The job must have exactly one process per cell of the tp x ep grid."
     needed = ParallelLayout(tp_size, ep_size).world_size
@@ -124,7 +129,7 @@ def _stop_token_ids(config: ModelConfig, model_dir: Path | None, tokenizer) -> t
         ids.append(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(ids))
 
-# %% ../notebooks/08_capstone.ipynb #01f505c3
+# %% ../notebooks/08_capstone.ipynb #cb4224f7
 @dataclass
 class LaunchPlan:
     "Everything decided before any process group exists; every rank computes the same plan."
@@ -175,7 +180,7 @@ def prepare(args: argparse.Namespace, world_size: int | None = None) -> LaunchPl
     return LaunchPlan(args, config, model_dir, dummy, tokenizer, texts, prompts, params, max_seq_len, device,
                       dtype, warmup)
 
-# %% ../notebooks/08_capstone.ipynb #eb6e852a
+# %% ../notebooks/08_capstone.ipynb #85ada44f
 class LoadError(RuntimeError):
     "Some ranks could not build or load their part of the model. `own` is this rank's error, if it had one."
 
@@ -235,7 +240,7 @@ def load_model(plan: LaunchPlan, ctx: ParallelContext,
         torch.cuda.synchronize(ctx.device)
     return model, time.perf_counter() - start
 
-# %% ../notebooks/08_capstone.ipynb #c082cf69
+# %% ../notebooks/08_capstone.ipynb #2ed4b258
 def gather_per_rank(value, ctx: ParallelContext) -> list:
     "Every rank's `value` (any picklable), in rank order."
     if ctx.world_size == 1:
@@ -261,14 +266,16 @@ def make_report(plan: LaunchPlan, ctx: ParallelContext, model: Qwen3MoeForCausal
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     return {
         "outputs": [{"prompt": text, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids,
-                     "text": tokenizer.decode(r.output_ids) if tokenizer else None, "finish_reason": r.finish_reason}
+                     "text": tokenizer.decode(r.output_ids) if tokenizer else None, "finish_reason": r.finish_reason,
+                     "margins": r.margins}
                     for text, r in zip(plan.prompt_texts, results)],
         "layout": {"tp_size": ctx.tp_size, "ep_size": ctx.ep_size, "world_size": ctx.world_size,
                    "nodes": max(ctx.world_size // max(local_world, 1), 1), "device": ctx.device.type,
                    "dtype": str(plan.dtype).removeprefix("torch."),
                    "gpu": torch.cuda.get_device_name(ctx.device) if on_cuda else None,
                    "model": str(args.model_path or f"preset:{args.preset or 'tiny'}"), "dummy_weights": plan.dummy,
-                   "date": datetime.date.today().isoformat(), "torch": torch.__version__},
+                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                   "fast_paths": ctx.device.type == "cuda" and not args.no_fast},
         "timing": {"load_seconds": load_seconds, "warmup_runs": plan.warmup, "prompts": len(results),
                    "prompt_tokens": stats.prompt_tokens,
                    "time_to_first_token_seconds": stats.prefill_seconds,
@@ -287,9 +294,12 @@ def execute(plan: LaunchPlan) -> dict:
     args = plan.args
     ctx = init_distributed(args.tp_size, args.ep_size, plan.device, args.timeout)
     model, load_seconds = load_model(plan, ctx)
-    generator = Generator(model, plan.max_seq_len)
-    for _ in range(plan.warmup):
-        generator.generate(plan.prompts, replace(plan.params, max_new_tokens=min(2, plan.params.max_new_tokens)))
+    # On GPUs the same forward runs through chapter 09's fused kernels and CUDA graphs.
+    fast = FastForward(model) if ctx.device.type == "cuda" and not args.no_fast else None
+    generator = Generator(model, plan.max_seq_len, fast=fast)
+    generator.record_margins = args.record_margins
+    for _ in range(plan.warmup):  # the same shapes as the timed run: every first-time cost is paid here
+        generator.generate(plan.prompts, plan.params)
     results = generator.generate(plan.prompts, plan.params)
     return make_report(plan, ctx, model, results, generator.stats, load_seconds)
 
@@ -298,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
     "Everything after argument parsing: check, then execute; returns the report."
     return execute(prepare(args))
 
-# %% ../notebooks/08_capstone.ipynb #19df78cf
+# %% ../notebooks/08_capstone.ipynb #b96c1f16
 def _format_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -316,8 +326,10 @@ def format_report(report: dict) -> str:
              f"{layout['gpu'] or layout['device']} ({layout['dtype']}), model {layout['model']}"
              f"{' (random weights)' if layout['dummy_weights'] else ''}"]
     for i, out in enumerate(report["outputs"]):
-        if out["prompt"] is not None:
+        if out["prompt"] is not None and out["text"]:
             lines.append(f"[{i}] {out['prompt']!r} -> {out['text']!r}")
+        elif out["prompt"] is not None:  # nothing printable (a random model's ids, or only special tokens)
+            lines.append(f"[{i}] {out['prompt']!r} -> ids {out['output_ids']}")
         else:
             lines.append(f"[{i}] {len(out['prompt_ids'])} prompt ids -> {out['output_ids']}")
     rate = timing["decode_tokens_per_second"]

@@ -155,7 +155,9 @@ class DummySource(WeightSource):
     """Random weights at the full shape, made on the device: for benchmarks without a checkpoint.
 
     Each tensor is drawn from a generator seeded by its name, in full, then sliced, so every layout
-    gets the same model and their outputs can be compared. Norm weights are near 1, the rest N(0, std)."""
+    gets the same model and their outputs can be compared. Norm weights are near 1, embeddings N(0, 1)
+    (as in `save_random_checkpoint`: with tiny embeddings every prompt collapses to the same output),
+    the rest N(0, std)."""
 
     def __init__(self, config: ModelConfig, seed: int = 0, device=None, std: float = 0.02):
         self.shapes = checkpoint_shapes(config)
@@ -171,7 +173,10 @@ class DummySource(WeightSource):
         # crc32, not hash(): Python salts str hashes per process, and every rank must draw the same tensor.
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + zlib.crc32(name.encode()))
         full = torch.randn(self.shapes[name], generator=generator, device=self.device)
-        full = 1.0 + 0.1 * full if name.endswith("norm.weight") else self.std * full
+        if name.endswith("norm.weight"):
+            full = 1.0 + 0.1 * full
+        elif name != "model.embed_tokens.weight":
+            full = self.std * full
         return full if shard is None else shard.of(full)
 
 # %% ../notebooks/06_loader.ipynb #dc0f152c

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_layout', 'DecoderLayer', 'Qwen3MoeForCausalLM']
 
-# %% ../notebooks/07_generation.ipynb #86106264
+# %% ../notebooks/07_generation.ipynb #64758934
 import torch
 from torch import nn
 
@@ -20,7 +20,7 @@ from .layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from .moe.layer import MoEBlock
 from .weights import WeightSource
 
-# %% ../notebooks/07_generation.ipynb #9637888e
+# %% ../notebooks/07_generation.ipynb #5497803a
 def check_layout(config: ModelConfig, tp_size: int, ep_size: int) -> None:
     "Every divisibility the layout needs, checked up front, each failure naming its numbers."
     problems = []
@@ -38,7 +38,7 @@ def check_layout(config: ModelConfig, tp_size: int, ep_size: int) -> None:
     if problems:
         raise ValueError("; ".join(problems))
 
-# %% ../notebooks/07_generation.ipynb #54d02934
+# %% ../notebooks/07_generation.ipynb #8850d0eb
 class DecoderLayer(nn.Module):
     "Pre-norm residual block: x + attention(norm(x)), then x + moe(norm(x))."
 
@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.load(source, f"{prefix}.post_attention_layernorm.weight")
         self.mlp.load(source, f"{prefix}.mlp")
 
-# %% ../notebooks/07_generation.ipynb #70fa4b9c
+# %% ../notebooks/07_generation.ipynb #27d4b188
 class Qwen3MoeForCausalLM(nn.Module):
     """The model one rank holds: its attention replica's heads, its experts' slices, its vocabulary rows.
 

@@ -6,12 +6,12 @@
 # %% auto #0
 __all__ = ['SamplingParams', 'sample']
 
-# %% ../notebooks/07_generation.ipynb #652218dd
+# %% ../notebooks/07_generation.ipynb #3414094f
 from dataclasses import dataclass
 
 import torch
 
-# %% ../notebooks/07_generation.ipynb #5fe588aa
+# %% ../notebooks/07_generation.ipynb #da6eab10
 @dataclass(frozen=True)
 class SamplingParams:
     "temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."

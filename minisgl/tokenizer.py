@@ -6,10 +6,10 @@
 # %% auto #0
 __all__ = ['ByteTokenizer', 'HFTokenizer', 'load_tokenizer']
 
-# %% ../notebooks/07_generation.ipynb #b270062a
+# %% ../notebooks/07_generation.ipynb #266245d8
 from pathlib import Path
 
-# %% ../notebooks/07_generation.ipynb #7bb33313
+# %% ../notebooks/07_generation.ipynb #1539d2c9
 class ByteTokenizer:
     "Bytes 0-255 are ids 0-255; 256 is BOS and 257 EOS. Enough to type a prompt into a random tiny model."
     bos_token_id, eos_token_id = 256, 257

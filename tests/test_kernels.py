@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisgl.kernels.triton_kernels import (add_rms_norm, decode_attention, gemv, moe_down, moe_gate_up,
-                                            qk_norm_rope_cache, topk_softmax, triton_available)
-from minisgl.layers.mlp import silu_and_mul
+from minisgl.kernels.triton_kernels import (add_rms_norm, decode_attention, moe_down, moe_gate_up,
+                                            qk_norm_rope_cache, silu_and_mul, topk_softmax,
+                                            triton_available, weighted_sum)
+from minisgl.layers.mlp import silu_and_mul as reference_silu_and_mul
 from minisgl.layers.norm import RMSNorm
 from minisgl.layers.rotary import RotaryEmbedding
 from minisgl.moe.gate import select_experts
@@ -102,13 +103,19 @@ def test_fused_moe_matches_grouped_experts(dtype):
             if e < 0:
                 assert h[t * top_k + s].eq(0).all()
                 continue
-            y = silu_and_mul(x[t] @ w13[e].t()) @ w2[e].t()
+            y = reference_silu_and_mul(x[t] @ w13[e].t()) @ w2[e].t()
             ref[t] += weights[t, s].float() * y.float()
     assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv(dtype):
-    x = torch.randn(2, 200, dtype=dtype, device=DEVICE)
-    w = torch.randn(70, 200, dtype=dtype, device=DEVICE)
-    assert rel_err(gemv(x, w, blocks=(16, 64, 4)), x.float() @ w.float().t()) < TOL[dtype]
+def test_silu_and_mul_and_gathering_weighted_sum(dtype):
+    x = torch.randn(5, 2 * 40, dtype=dtype, device=DEVICE)
+    assert rel_err(silu_and_mul(x), reference_silu_and_mul(x)) < TOL[dtype]
+    tokens, top_k, hidden = 4, 3, 50
+    y = torch.randn(tokens * top_k, hidden, dtype=dtype, device=DEVICE)
+    w = torch.rand(tokens, top_k, dtype=dtype, device=DEVICE)
+    rows = torch.randperm(tokens * top_k, device=DEVICE)  # pair p lives in row rows[p]
+    ref = (y[rows].view(tokens, top_k, hidden).float() * w.float()[..., None]).sum(1)
+    assert rel_err(weighted_sum(y, w, top_k, rows=rows), ref) < TOL[dtype]
+    assert rel_err(weighted_sum(y[rows], w, top_k), ref) < TOL[dtype]

@@ -1,8 +1,11 @@
 """Sphinx tweaks for the Mini-SGL book (loaded through `local_extensions` in book/_config.yml).
 
-A chapter's `#| default_exp` cell holds a string literal, the module's docstring (scripts/export.py
-reads it). Jupyter echoes that string as the cell's value; on the page the echo only repeats the
-cell, so the rendered book drops it. Notebooks and the package are untouched."""
+1. A chapter's `#| default_exp` cell holds a string literal, the module's docstring (scripts/export.py
+   reads it). Jupyter echoes that string as the cell's value; on the page the echo only repeats the
+   cell, so the rendered book drops it. Notebooks and the package are untouched.
+2. static/minisgl.css: a wider article for the code cells, and no duplicate search bar."""
+from pathlib import Path
+
 from docutils import nodes
 
 
@@ -17,6 +20,12 @@ def drop_docstring_echo(app, doctree):
                     cell.remove(child)
 
 
+def add_static_path(app, config):
+    config.html_static_path.append(str(Path(__file__).parent / "static"))
+
+
 def setup(app):
     app.connect("doctree-read", drop_docstring_echo)
+    app.connect("config-inited", add_static_path)
+    app.add_css_file("minisgl.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['VocabParallelEmbedding', 'ParallelLMHead']
 
-# %% ../../notebooks/07_generation.ipynb #36451233
+# %% ../../notebooks/07_generation.ipynb #96c35ebe
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from ..distributed import all_gather, all_reduce
 from ..weights import Shard, WeightSource
 
-# %% ../../notebooks/07_generation.ipynb #b32fedd9
+# %% ../../notebooks/07_generation.ipynb #17a7295c
 class _VocabShard(nn.Module):
     "Rows [start, end) of a [vocab, hidden] matrix; the last rank's shard is zero-padded to equal size."
 

@@ -1,0 +1,1 @@
+"""The Mixture-of-Experts block: router (gate), AllToAll dispatch and combine, grouped experts."""

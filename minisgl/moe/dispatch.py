@@ -6,7 +6,7 @@ pair to its expert's owner (dispatch), one to bring the results back (combine)."
 # %% auto #0
 __all__ = ['sort_by_expert', 'exchange_counts', 'local_expert_order', 'DispatchState', 'AllToAllDispatcher']
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #618f3cb0
+# %% ../../notebooks/05_alltoall_moe.ipynb #015decb1
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +14,14 @@ import torch
 from ..distributed import all_to_all
 from .experts import expert_slice
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #13626599
+# %% ../../notebooks/05_alltoall_moe.ipynb #edc5be69
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     "(order of the flattened (token, slot) pairs sorted by expert id, pairs per expert [num_experts])."
     flat_ids = topk_ids.flatten()                        # [tokens * top_k], pair p = (token p // top_k, slot p % top_k)
     pair_order = torch.argsort(flat_ids, stable=True)    # stable: ties keep token order, so runs are reproducible
     return pair_order, torch.bincount(flat_ids, minlength=num_experts)
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #67f2c5f2
+# %% ../../notebooks/05_alltoall_moe.ipynb #89896f20
 def exchange_counts(send_counts: torch.Tensor, ep_group) -> torch.Tensor:
     """send_counts [ep_size, num_local_experts]: row r = pairs for rank r's experts.
     Returns recv_counts of the same shape: row r = pairs rank r sends for my experts."""
@@ -34,7 +34,7 @@ def local_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
     local_ids = torch.arange(num_local_experts, device=recv_counts.device).repeat(ep_size)
     return torch.argsort(local_ids.repeat_interleave(recv_counts.flatten()), stable=True)
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #59c79eea
+# %% ../../notebooks/05_alltoall_moe.ipynb #daf09873
 @dataclass
 class DispatchState:
     "What combine needs to bring every expert output back to the (token, slot) it came from."

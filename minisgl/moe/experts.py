@@ -6,7 +6,7 @@ computed as two grouped GEMMs over rows sorted by expert."""
 # %% auto #0
 __all__ = ['expert_slice', 'grouped_gemm_loop', 'grouped_gemm', 'LocalExperts']
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #0d2c2021
+# %% ../../notebooks/05_alltoall_moe.ipynb #2932e882
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +15,7 @@ from ..layers.linear import divide
 from ..layers.mlp import silu_and_mul
 from ..weights import Shard, WeightSource
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #080b634e
+# %% ../../notebooks/05_alltoall_moe.ipynb #aa70f55b
 def expert_slice(num_experts: int, ep_rank: int, ep_size: int) -> range:
     "The global ids of the experts EP rank `ep_rank` owns: a contiguous block of num_experts / ep_size."
     if num_experts % ep_size:
@@ -23,7 +23,7 @@ def expert_slice(num_experts: int, ep_rank: int, ep_size: int) -> range:
     per_rank = num_experts // ep_size
     return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #5f962695
+# %% ../../notebooks/05_alltoall_moe.ipynb #3a208355
 def grouped_gemm_loop(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     "The reference grouped GEMM: one matmul per expert on its block of rows (a loop over experts, never tokens)."
     out = x.new_empty(x.shape[0], w.shape[1])  # [rows, out]
@@ -55,7 +55,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tens
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return grouped_gemm_loop(x, w, tokens_per_expert)
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #f56eab13
+# %% ../../notebooks/05_alltoall_moe.ipynb #16ddc8a7
 class LocalExperts(nn.Module):
     """This rank's experts: `num_experts / ep_size` of them, each cut to `intermediate / tp_size` columns.
 

@@ -6,14 +6,14 @@ expert-load statistic that tells how evenly a batch spreads over the experts."""
 # %% auto #0
 __all__ = ['Router', 'select_experts', 'expert_load']
 
-# %% ../../notebooks/04_gating.ipynb #cc7f109c
+# %% ../../notebooks/04_gating.ipynb #1e0c715d
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..weights import WeightSource
 
-# %% ../../notebooks/04_gating.ipynb #c89a4b95
+# %% ../../notebooks/04_gating.ipynb #a07b37fd
 class Router(nn.Module):
     "A [num_experts, hidden] linear map, replicated on every rank: every rank routes its own tokens."
 
@@ -28,7 +28,7 @@ class Router(nn.Module):
     def load(self, source: WeightSource, name: str) -> None:
         self.weight.copy_(source.read(name, tuple(self.weight.shape)))
 
-# %% ../../notebooks/04_gating.ipynb #497ba795
+# %% ../../notebooks/04_gating.ipynb #e679bc48
 def select_experts(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     """Softmax over all experts (in float32), keep the k largest, renormalise them to sum to 1 only if
     the config says so; as transformers' Qwen3MoeTopKRouter does. Returns (weights, expert ids)."""
@@ -38,7 +38,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights.to(router_logits.dtype), topk_ids
 
-# %% ../../notebooks/04_gating.ipynb #40693871
+# %% ../../notebooks/04_gating.ipynb #ef044470
 def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     "How many (token, slot) pairs chose each expert: the work each expert's owner will do."
     return torch.bincount(topk_ids.flatten(), minlength=num_experts)  # [num_experts]

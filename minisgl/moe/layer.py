@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MoEBlock']
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #2dd19c8b
+# %% ../../notebooks/05_alltoall_moe.ipynb #f8a2b7bd
 import torch
 from torch import nn
 
@@ -16,7 +16,7 @@ from .experts import LocalExperts
 from .gate import Router, select_experts
 from ..weights import WeightSource
 
-# %% ../../notebooks/05_alltoall_moe.ipynb #4df73862
+# %% ../../notebooks/05_alltoall_moe.ipynb #b3cca84a
 class MoEBlock(nn.Module):
     """Qwen3MoeSparseMoeBlock over a tp x ep grid.
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU runs whose results files the book plots (chapters 08 and 09). Run on a machine with >= 2 GPUs:
+#   bash scripts/gpu_results.sh capstone OUT_DIR   # Qwen3-30B-A3B shape, random weights, several layouts
+#   bash scripts/gpu_results.sh bench1 OUT_DIR     # scripts/bench.py on one GPU, with the transformers floor
+#   bash scripts/gpu_results.sh bench2 OUT_DIR     # scripts/bench.py at TP=2 and at EP=2
+# Copy OUT_DIR/capstone_*.json to results/capstone/ and OUT_DIR/*_tp*_ep*.json to results/bench/.
+set -euo pipefail
+what=$1
+out=${2:-results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+prompts=(--prompt_ids 9707,11,1879,0,3555,374,279,6722,315,9625,30
+         --prompt_ids 785,3974,13876,38835,34208,916,279,15678,5562,13,576,2701,374,264,1140,315,279,1429,3460,11513,304,4505,25
+         --prompt_ids 40,1079,264,3070,6366,315)
+common=(--preset qwen3-30b-a3b --max_new_tokens 32 --ignore_eos --record_margins --max_seq_len 1024 "${prompts[@]}")
+
+run_capstone() {  # tp ep [extra args...]
+  local tp=$1 ep=$2 tag=tp$1_ep$2
+  shift 2
+  [[ " $* " == *" --no_fast "* ]] && tag=${tag}_nofast
+  local gpus
+  gpus=$(seq -s, 0 $((tp * ep - 1)))
+  CUDA_VISIBLE_DEVICES=$gpus torchrun --standalone --nproc_per_node=$((tp * ep)) scripts/run_inference.py \
+    --tp_size "$tp" --ep_size "$ep" "${common[@]}" --json "$out/capstone_$tag.json" "$@" 2>&1 \
+    | grep -v "^W1\|\*\*\*\*\|OMP_NUM_THREADS" | tail -6
+}
+
+case $what in
+  capstone)
+    run_capstone 1 1
+    run_capstone 2 1
+    run_capstone 1 2
+    run_capstone 1 1 --no_fast --warmup 0 --max_new_tokens 12
+    python3 scripts/compare_outputs.py "$out"/capstone_*.json
+    ;;
+  bench1)
+    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 scripts/bench.py --reference --out "$out"
+    ;;
+  bench2)
+    torchrun --standalone --nproc_per_node=2 scripts/bench.py --tp_size 2 --skip eager --out "$out"
+    torchrun --standalone --nproc_per_node=2 scripts/bench.py --ep_size 2 --skip eager --out "$out"
+    ;;
+  *) echo "usage: $0 capstone|bench1|bench2 OUT_DIR" >&2; exit 2 ;;
+esac
