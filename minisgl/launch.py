@@ -24,7 +24,6 @@ from safetensors import SafetensorError
 
 from .config import ModelConfig, parameters_per_rank, preset
 from .distributed import ParallelContext, ParallelLayout, init_distributed
-from .fast import FastForward
 from .generation import Generator, GenerationResult, GenerationStats, check_prompts
 from .loader import DummySource, SafetensorsSource, check_checkpoint, resolve_model_path, weight_bytes
 from .model import Qwen3MoeForCausalLM, check_layout
@@ -294,8 +293,12 @@ def execute(plan: LaunchPlan) -> dict:
     args = plan.args
     ctx = init_distributed(args.tp_size, args.ep_size, plan.device, args.timeout)
     model, load_seconds = load_model(plan, ctx)
-    # On GPUs the same forward runs through chapter 09's fused kernels and CUDA graphs.
-    fast = FastForward(model) if ctx.device.type == "cuda" and not args.no_fast else None
+    # On GPUs the same forward runs through chapter 09's fused kernels and CUDA graphs (which need Triton,
+    # so it is imported only there).
+    fast = None
+    if ctx.device.type == "cuda" and not args.no_fast:
+        from minisgl.fast import FastForward
+        fast = FastForward(model)
     generator = Generator(model, plan.max_seq_len, fast=fast)
     generator.record_margins = args.record_margins
     for _ in range(plan.warmup):  # the same shapes as the timed run: every first-time cost is paid here

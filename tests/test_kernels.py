@@ -8,15 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisgl.kernels.triton_kernels import (add_rms_norm, decode_attention, moe_down, moe_gate_up,
-                                            qk_norm_rope_cache, silu_and_mul, topk_softmax,
-                                            triton_available, weighted_sum)
+pytest.importorskip("triton")
+
+from minisgl.kernels.attention import decode_attention  # noqa: E402
+from minisgl.kernels.moe import moe_down, moe_gate_up, silu_and_mul, topk_softmax, weighted_sum  # noqa: E402
+from minisgl.kernels.norm import add_rms_norm  # noqa: E402
+from minisgl.kernels.rope import qk_norm_rope_cache  # noqa: E402
 from minisgl.layers.mlp import silu_and_mul as reference_silu_and_mul
 from minisgl.layers.norm import RMSNorm
 from minisgl.layers.rotary import RotaryEmbedding
 from minisgl.moe.gate import select_experts
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
