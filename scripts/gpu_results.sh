@@ -3,6 +3,10 @@
 #   bash scripts/gpu_results.sh capstone OUT_DIR   # Qwen3-30B-A3B shape, random weights, several layouts
 #   bash scripts/gpu_results.sh bench1 OUT_DIR     # scripts/bench.py on one GPU, with the transformers floor
 #   bash scripts/gpu_results.sh bench2 OUT_DIR     # scripts/bench.py at TP=2 and at EP=2
+#   bash scripts/gpu_results.sh capstone4 OUT_DIR  # 4 GPUs: TP=2xEP=2, TP=4, EP=4 against one GPU
+#   bash scripts/gpu_results.sh bench4 OUT_DIR     # 4 GPUs: scripts/bench.py at TP=2xEP=2, TP=4, EP=4
+#   bash scripts/gpu_results.sh capstone8 OUT_DIR  # 8 GPUs: TP=2xEP=4 (the seed layout), TP=8, EP=8
+#   bash scripts/gpu_results.sh bench8 OUT_DIR     # 8 GPUs: scripts/bench.py at the same three layouts
 # Copy OUT_DIR/capstone_*.json to results/capstone/ and OUT_DIR/*_tp*_ep*.json to results/bench/.
 set -euo pipefail
 what=$1
@@ -40,5 +44,31 @@ case $what in
     torchrun --standalone --nproc_per_node=2 scripts/bench.py --tp_size 2 --skip eager --out "$out"
     torchrun --standalone --nproc_per_node=2 scripts/bench.py --ep_size 2 --skip eager --out "$out"
     ;;
-  *) echo "usage: $0 capstone|bench1|bench2 OUT_DIR" >&2; exit 2 ;;
+  capstone4)
+    run_capstone 1 1
+    run_capstone 2 2
+    run_capstone 4 1
+    run_capstone 1 4
+    python3 scripts/compare_outputs.py "$out"/capstone_tp1_ep1.json "$out"/capstone_tp{2_ep2,4_ep1,1_ep4}.json
+    ;;
+  bench4)
+    for layout in "2 2" "4 1" "1 4"; do
+      set -- $layout
+      torchrun --standalone --nproc_per_node=4 scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager --out "$out"
+    done
+    ;;
+  capstone8)
+    run_capstone 1 1
+    run_capstone 2 4
+    run_capstone 8 1
+    run_capstone 1 8
+    python3 scripts/compare_outputs.py "$out"/capstone_tp1_ep1.json "$out"/capstone_tp{2_ep4,8_ep1,1_ep8}.json
+    ;;
+  bench8)
+    for layout in "2 4" "8 1" "1 8"; do
+      set -- $layout
+      torchrun --standalone --nproc_per_node=8 scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager --out "$out"
+    done
+    ;;
+  *) echo "usage: $0 capstone|bench1|bench2|capstone4|bench4|capstone8|bench8 OUT_DIR" >&2; exit 2 ;;
 esac
