@@ -29,6 +29,27 @@ run_capstone() {  # tp ep [extra args...]
     | grep -v "^W1\|\*\*\*\*\|OMP_NUM_THREADS" | tail -6
 }
 
+run_layouts() {  # "tp ep" ...: the capstone on one GPU, then in each layout, tokens compared with one GPU's
+  local layout files=()
+  run_capstone 1 1
+  for layout in "$@"; do
+    set -- $layout
+    run_capstone "$1" "$2"
+    files+=("$out/capstone_tp$1_ep$2.json")
+  done
+  python3 scripts/compare_outputs.py "$out/capstone_tp1_ep1.json" "${files[@]}"
+}
+
+run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout
+  local gpus=$1 layout
+  shift
+  for layout in "$@"; do
+    set -- $layout
+    torchrun --standalone --nproc_per_node="$gpus" scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager \
+      --out "$out"
+  done
+}
+
 case $what in
   capstone)
     run_capstone 1 1
@@ -40,35 +61,10 @@ case $what in
   bench1)
     CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 scripts/bench.py --reference --out "$out"
     ;;
-  bench2)
-    torchrun --standalone --nproc_per_node=2 scripts/bench.py --tp_size 2 --skip eager --out "$out"
-    torchrun --standalone --nproc_per_node=2 scripts/bench.py --ep_size 2 --skip eager --out "$out"
-    ;;
-  capstone4)
-    run_capstone 1 1
-    run_capstone 2 2
-    run_capstone 4 1
-    run_capstone 1 4
-    python3 scripts/compare_outputs.py "$out"/capstone_tp1_ep1.json "$out"/capstone_tp{2_ep2,4_ep1,1_ep4}.json
-    ;;
-  bench4)
-    for layout in "2 2" "4 1" "1 4"; do
-      set -- $layout
-      torchrun --standalone --nproc_per_node=4 scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager --out "$out"
-    done
-    ;;
-  capstone8)
-    run_capstone 1 1
-    run_capstone 2 4
-    run_capstone 8 1
-    run_capstone 1 8
-    python3 scripts/compare_outputs.py "$out"/capstone_tp1_ep1.json "$out"/capstone_tp{2_ep4,8_ep1,1_ep8}.json
-    ;;
-  bench8)
-    for layout in "2 4" "8 1" "1 8"; do
-      set -- $layout
-      torchrun --standalone --nproc_per_node=8 scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager --out "$out"
-    done
-    ;;
+  bench2) run_benches 2 "2 1" "1 2" ;;
+  capstone4) run_layouts "2 2" "4 1" "1 4" ;;
+  bench4) run_benches 4 "2 2" "4 1" "1 4" ;;
+  capstone8) run_layouts "2 4" "8 1" "1 8" ;;
+  bench8) run_benches 8 "2 4" "8 1" "1 8" ;;
   *) echo "usage: $0 capstone|bench1|bench2|capstone4|bench4|capstone8|bench8 OUT_DIR" >&2; exit 2 ;;
 esac

@@ -7,6 +7,15 @@ from minisgl.config import preset
 from minisgl.loader import save_random_checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    "Tiny tensors: on a shared 2-core CPU, intra-op threads cost far more than they save."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return preset("tiny")

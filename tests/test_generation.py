@@ -18,15 +18,6 @@ NEW_TOKENS = 8
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (2, 4)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: on a shared CPU, intra-op threads cost far more than they save."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(reference_model):
     "transformers' greedy continuations and teacher-forced log-probs of PROMPTS."

@@ -38,15 +38,6 @@ class RecordingSource(SafetensorsSource):
         return tensor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: on a shared CPU, intra-op threads cost far more than they save."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def single_seed1(tmp_path_factory, tiny_config):
     "A single-file checkpoint holding the same weights as conftest's sharded_tiny_checkpoint (seed 1)."
