@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .distributed import all_reduce, all_to_all
 from .kernels.attention import decode_attention
-from .kernels.moe import moe_down, moe_gate_up, silu_and_mul, topk_softmax, weighted_sum
+from .kernels.moe import moe_down, moe_gate_up, router_topk, silu_and_mul, sort_by_expert, weighted_sum
 from .kernels.norm import add_rms_norm
 from .kernels.rope import qk_norm_rope_cache
 from .layers.mlp import DenseMLP
@@ -88,7 +88,7 @@ class FastForward:
     def _moe(self, mlp, x, graph_safe: bool):
         if isinstance(mlp, DenseMLP):
             return mlp(x)
-        weights, ids = topk_softmax(F.linear(x, mlp.gate.weight), self.top_k, mlp.norm_topk_prob)
+        weights, ids = router_topk(x, mlp.gate.weight, self.top_k, mlp.norm_topk_prob)
         experts = mlp.experts
         if self.ctx.ep_size == 1:
             if x.shape[0] * self.top_k <= GEMV_MAX_ROWS:
@@ -107,16 +107,11 @@ class FastForward:
         return mlp.experts(expert_in, tokens_per_expert), state
 
     def _moe_sorted(self, experts, x, weights, ids):
-        """No EP: sort (token, slot) rows by expert, one grouped GEMM per projection; no host sync.
+        """No EP: rows sorted by expert (a counting sort), one grouped GEMM per projection; no host sync.
         The scatter back to token order and the top-k weighted sum are one gathering kernel."""
-        flat = ids.flatten()
-        order = torch.argsort(flat, stable=True)                 # sorted row i is pair order[i]
-        counts = torch.zeros(experts.num_local_experts, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        h = silu_and_mul(grouped_gemm(x[order // self.top_k], experts.w13, counts))
+        rows, counts, row_of_pair = sort_by_expert(x, ids.flatten(), experts.num_local_experts, self.top_k)
+        h = silu_and_mul(grouped_gemm(rows, experts.w13, counts))
         y = grouped_gemm(h, experts.w2, counts)                  # [tokens * top_k, hidden], expert order
-        row_of_pair = torch.empty_like(order)
-        row_of_pair[order] = torch.arange(order.numel(), device=x.device)
         return weighted_sum(y, weights, self.top_k, rows=row_of_pair)
 
     def _moe_fixed_capacity(self, experts, x, weights, ids):

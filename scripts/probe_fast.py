@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Probe the fast forward on one GPU at the real shape: agreement with the plain model, step times, profile.
+"""Probe the fast forward on one GPU at the real shape: block-size sweeps of the MoE kernels (and of a
+Triton gemv tried against cuBLAS for the attention projections), agreement with the plain model, step
+times at several batch sizes, and kernel profiles. Wrote results/probe/ (chapter 09, results/LOG.md).
 
     python scripts/probe_fast.py --out DIR
 """
@@ -9,6 +11,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from minisgl.config import preset
 from minisgl.distributed import ParallelContext
@@ -29,11 +33,33 @@ def timed(fn, repeat=20):
     return (time.perf_counter() - start) / repeat
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)  # y[row, n block] = x[row] @ W[n block]^T, accumulated elementwise, reduced once
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * K + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :],
+                       other=0.0).to(tl.float32) * x[None, :]
+    tl.store(y_ptr + row * N + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+def gemv(x, weight, blocks):
+    "The experiment of results/LOG.md step 4: a Triton gemv for one token (it lost to cuBLAS)."
+    block_n, block_k, warps = blocks
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _gemv_kernel[(x.shape[0], triton.cdiv(weight.shape[0], block_n))](
+        x, weight, y, N=weight.shape[0], K=x.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
+
+
 def sweep():
     "Block sizes of the MoE and gemv kernels at the real shape, weights rotated so L2 does not flatter them."
     import itertools
     import triton.testing
-    from minisgl.kernels.triton_kernels import gemv, moe_down, moe_gate_up
+    from minisgl.kernels.moe import moe_down, moe_gate_up
     torch.manual_seed(0)
     dev = "cuda"
     w13 = torch.randn(128, 1536, 2048, device=dev, dtype=torch.bfloat16) * 0.02
@@ -87,20 +113,81 @@ def sweep():
     return res
 
 
+def graph_time_us(fn, calls=20):
+    "Microseconds per call of fn, replayed as a CUDA graph of `calls` calls (no launch overhead)."
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, 10) / calls * 1e6
+
+
+def sweep_attention_and_projections():
+    """Decode attention block sizes at batch 1 and 256 (600 cached tokens), and ways to run the attention
+    projections at one token, each as a CUDA graph; weights rotate through 8 copies so L2 does not hold them."""
+    from minisgl.kernels.attention import decode_attention
+    result = {"attention": [], "projections": {}}
+    for seqs in (1, 256):
+        k_cache = torch.randn(seqs, 4, 1024, 128, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(seqs, 32, 128, dtype=torch.bfloat16, device="cuda")
+        rows = torch.arange(seqs, device="cuda")
+        lens = torch.full((seqs,), 600, device="cuda")
+        ref = decode_attention(q, k_cache, v_cache, rows, lens, 128 ** -0.5, num_splits=16)
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2, 3):
+                    def call():
+                        return decode_attention(q, k_cache, v_cache, rows, lens, 128 ** -0.5, block_n=block_n,
+                                                num_warps=warps, num_stages=stages)
+                    err = (call().float() - ref.float()).abs().max().item()
+                    us = graph_time_us(call)
+                    result["attention"].append({"seqs": seqs, "block_n": block_n, "num_warps": warps,
+                                                "num_stages": stages, "us": us, "max_err": err})
+                    print("attention", result["attention"][-1], flush=True)
+    for name, out_features, in_features in [("qkv", 5120, 2048), ("o", 2048, 4096)]:
+        weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
+        x = torch.randn(1, in_features, dtype=torch.bfloat16, device="cuda")
+        variants = {"F.linear": lambda w: torch.nn.functional.linear(x, w),
+                    "torch.mv": lambda w: torch.mv(w, x[0])[None],
+                    "w @ x.T": lambda w: (w @ x.t()).t()}
+        for label, fn in variants.items():
+            state = {"i": 0}
+
+            def call():
+                state["i"] = (state["i"] + 1) % 8
+                return fn(weights[state["i"]])
+            us = graph_time_us(call, calls=48)
+            result["projections"][f"{name} {label}"] = {"us": us, "tb_per_s": out_features * in_features * 2 / us / 1e6}
+            print("projection", name, label, result["projections"][f"{name} {label}"], flush=True)
+    return result
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--skip_sweep", action="store_true", help="keep the block sizes in minisgl.kernels.moe")
+    p.add_argument("--only_attention_sweep", action="store_true",
+                   help="only sweep decode attention and the attention projections, then stop")
     args = p.parse_args()
     out = {}
     torch.cuda.set_device(0)
-    out["sweep"] = sweep()
-    import minisgl.kernels.triton_kernels as K
-    import minisgl.fast as FF
-    K.MOE_BLOCKS["gate_up"] = tuple(out["sweep"]["gate_up_best"])
-    K.MOE_BLOCKS["down"] = tuple(out["sweep"]["down_best"])
-    K.GEMV_BLOCKS = tuple(out["sweep"]["gemv_best"])
-    print("chosen", K.MOE_BLOCKS, K.GEMV_BLOCKS, flush=True)
+    if args.only_attention_sweep:
+        Path(args.out, "attention_sweep.json").write_text(json.dumps(sweep_attention_and_projections(), indent=2))
+        return
+    import minisgl.kernels.moe as moe_kernels
+    if not args.skip_sweep:
+        out["sweep"] = sweep()
+        moe_kernels.MOE_BLOCKS["gate_up"] = tuple(out["sweep"]["gate_up_best"])
+        moe_kernels.MOE_BLOCKS["down"] = tuple(out["sweep"]["down_best"])
+    print("MoE blocks", moe_kernels.MOE_BLOCKS, flush=True)
     ctx = ParallelContext.single("cuda")
     hf = dict(__import__("minisgl.config", fromlist=["x"]).QWEN3_30B_A3B_CONFIG)
     hf["num_hidden_layers"] = args.layers
@@ -147,21 +234,10 @@ def main():
             toks = ref_logits[s + 1].argmax(-1)  # teacher-force the reference's tokens
         out["fast_vs_ref_max_abs_logit_err"] = errs
         out["ref_tokens"], out["fast_tokens"] = ref_toks, fast_toks
-        top2 = ref_logits[0].float().topk(2).values
         out["ref_logit_scale"] = ref_logits[0].float().abs().max().item()
         print("errs", errs, ref_toks, fast_toks, flush=True)
 
         pos = torch.tensor([600], device="cuda")
-        for use_gemv in (0, 1):
-            FF.GEMV_MAX_TOKENS = use_gemv
-            fast.graphs = {}
-            padded = fast.prepare(1, 1024)
-            tk = torch.randint(0, 1000, (1,), device="cuda")
-            ps = torch.full((1,), 600, device="cuda")
-            ms = timed(lambda: fast.decode(tk, ps, padded), 50) * 1e3
-            out[f"graph_decode_step_ms_b1_gemv{use_gemv}"] = ms
-            print(f"graph decode b1 gemv={use_gemv}: {ms:.3f} ms/step = {1 / ms * 1e3:.0f} tok/s", flush=True)
-        FF.GEMV_MAX_TOKENS = 1 if out["graph_decode_step_ms_b1_gemv1"] < out["graph_decode_step_ms_b1_gemv0"] else 0
         fast.graphs = {}
         for bsz in [1, 8, 64, 256]:
             padded = fast.prepare(bsz, 1024)
@@ -173,6 +249,22 @@ def main():
             ms = timed(lambda: fast._decode_eager(tk, ps, fixed_shapes=True), 5) * 1e3
             out[f"fasteager_decode_step_ms_b{bsz}"] = ms
             print(f"fast eager decode b{bsz}: {ms:.3f} ms/step", flush=True)
+
+        # The generation loop around the graph: sampling, bookkeeping, and any gap between replays.
+        from torch.profiler import ProfilerActivity, profile
+        from minisgl.generation import Generator
+        from minisgl.sampling import SamplingParams
+        generator = Generator(model, 1024, fast=fast)
+        generator.generate([prompt], SamplingParams(max_new_tokens=8))  # warm-up
+        generator.generate([prompt], SamplingParams(max_new_tokens=129))
+        out["generate_decode_ms_per_step_b1"] = generator.stats.decode_seconds / generator.stats.decode_steps * 1e3
+        print("generate: decode ms/step at batch 1", out["generate_decode_ms_per_step_b1"], flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generator.generate([prompt], SamplingParams(max_new_tokens=17))
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=40)
+        Path(args.out, "profile_generate_b1.txt").write_text(table)
+        prof.export_chrome_trace(str(Path(args.out, "trace_generate_b1.json")))
+        print(table[:6000], flush=True)
 
         prompts = [torch.randint(0, 1000, (512,)).tolist() for _ in range(16)]
         fast.prepare(16, 1024)

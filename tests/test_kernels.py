@@ -11,7 +11,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from minisgl.kernels.attention import decode_attention  # noqa: E402
-from minisgl.kernels.moe import moe_down, moe_gate_up, silu_and_mul, topk_softmax, weighted_sum  # noqa: E402
+from minisgl.kernels.moe import (moe_down, moe_gate_up, router_topk, silu_and_mul, sort_by_expert,  # noqa: E402
+                                 topk_softmax, weighted_sum)
 from minisgl.kernels.norm import add_rms_norm  # noqa: E402
 from minisgl.kernels.rope import qk_norm_rope_cache  # noqa: E402
 from minisgl.layers.mlp import silu_and_mul as reference_silu_and_mul
@@ -64,14 +65,15 @@ def test_qk_norm_rope_cache(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (2, 1)])
-def test_decode_attention(dtype, heads, kv_heads):
+@pytest.mark.parametrize("num_splits", [4, 1, None])
+def test_decode_attention(dtype, heads, kv_heads, num_splits):
     seqs, d, max_len = 3, 64, 300
     k_cache = torch.randn(4, kv_heads, max_len, d, dtype=dtype, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(seqs, heads, d, dtype=dtype, device=DEVICE)
     rows = torch.tensor([3, 0, 1], device=DEVICE)
     lens = torch.tensor([1, 257, 70], device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, rows, lens, scale=d ** -0.5, num_splits=4, block_n=32)
+    out = decode_attention(q, k_cache, v_cache, rows, lens, scale=d ** -0.5, num_splits=num_splits, block_n=32)
     for i in range(seqs):
         n, r = lens[i].item(), rows[i].item()
         ref = F.scaled_dot_product_attention(q[i:i + 1, :, None].float(), k_cache[r:r + 1, :, :n].float(),
@@ -86,6 +88,41 @@ def test_topk_softmax(normalize):
     ref_weights, ref_ids = select_experts(logits, 8, normalize)
     assert torch.equal(ids, ref_ids)
     assert rel_err(weights, ref_weights) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: beyond ROUTER_GEMV_MAX_TOKENS, the cuBLAS path
+def test_router_topk(dtype, normalize, tokens):
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)  # fixed, so the test always checks some rows
+    x = torch.randn(tokens, 256, dtype=dtype, device=DEVICE, generator=gen)
+    router_weight = torch.randn(128, 256, dtype=dtype, device=DEVICE, generator=gen) / 16
+    weights, ids = router_topk(x, router_weight, 8, normalize, block_k=64)
+    ref_logits = F.linear(x.float(), router_weight.float()).to(dtype)
+    ref_weights, ref_ids = select_experts(ref_logits, 8, normalize)
+    # Summed in another order, a logit can round to the neighbouring 16-bit value, and 16-bit logits
+    # tie: compare the chosen set (in expert order) where the 8th and 9th largest logits are clearly apart.
+    top9 = ref_logits.float().topk(9, dim=-1).values
+    clear = (top9[:, 7] - top9[:, 8]) > {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}[dtype]
+    assert clear.any()
+    ids, order = ids[clear].sort(dim=-1)
+    ref_ids, ref_order = ref_ids[clear].sort(dim=-1)
+    assert torch.equal(ids, ref_ids)
+    assert weights.dtype == dtype
+    assert rel_err(weights[clear].gather(1, order), ref_weights[clear].gather(1, ref_order)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("pairs,rows_per_x,block_rows", [(200, 2, 16), (7, 1, 64), (0, 8, 64), (2048, 8, 64)])
+def test_sort_by_expert_is_a_stable_sort(pairs, rows_per_x, block_rows):
+    experts = 12
+    ids = torch.randint(0, experts, (pairs,), device=DEVICE)
+    ids[: pairs // 4] = 3  # a crowded expert spans several row blocks
+    x = torch.randn(pairs // rows_per_x, 72, device=DEVICE)
+    rows, counts, row_of_pair = sort_by_expert(x, ids, experts, rows_per_x, block_rows=block_rows)
+    order = torch.argsort(ids, stable=True)
+    assert torch.equal(rows, x[order // rows_per_x])
+    assert torch.equal(counts, torch.bincount(ids, minlength=experts))
+    assert torch.equal(order[row_of_pair], torch.arange(pairs, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,11 +12,31 @@ import triton.language as tl
 
 # %% ../../notebooks/09_making_it_fast.ipynb #2b491172
 @triton.jit
+def _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos_stride, scale, m, l, acc,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    "One block of keys into the running softmax (m: row maxima, l: row sums, acc: weighted values)."
+    n = block_start + tl.arange(0, BLOCK_N)
+    valid = n < end
+    offsets = base + n[:, None] * cache_pos_stride + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-                             scale, cache_row_stride, cache_head_stride, cache_pos_stride,
+                             out_ptr, scale, cache_row_stride, cache_head_stride, cache_pos_stride,
                              NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+                             ON_GPU: tl.constexpr, NUM_STAGES: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -35,26 +55,24 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, 
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     base = row * cache_row_stride + kv_head * cache_head_stride
-    # A constant trip count (the cache's capacity) with a guard, rather than a loop bounded by
-    # seq_len, keeps the kernel runnable in Triton's CPU interpreter too.
-    for i in range(MAX_BLOCKS):
-        block_start = start + i * BLOCK_N
-        if block_start < end:
-            n = block_start + tl.arange(0, BLOCK_N)
-            valid = n < end
-            offsets = base + n[:, None] * cache_pos_stride + d[None, :]
-            k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-            m = m_new
-    out_offsets = ((seq * NUM_Q_HEADS + heads) * NUM_SPLITS + split)
+    if ON_GPU:
+        # Bounded by this sequence's length, the loop can be software-pipelined: the next block's keys
+        # load while this block's are used.
+        for block_start in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+            m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos_stride,
+                                      scale, m, l, acc, HEAD_DIM, BLOCK_N, PRECISION)
+    else:
+        # Triton's CPU interpreter wants a trip count it knows: the cache's capacity, with a guard.
+        for i in range(MAX_BLOCKS):
+            if start + i * BLOCK_N < end:
+                m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, base, start + i * BLOCK_N, end,
+                                          cache_pos_stride, scale, m, l, acc, HEAD_DIM, BLOCK_N, PRECISION)
     safe_l = tl.where(l > 0, l, 1.0)
+    if NUM_SPLITS == 1:  # nothing to merge: write the output itself
+        tl.store(out_ptr + (seq * NUM_Q_HEADS + heads)[:, None] * HEAD_DIM + d[None, :],
+                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+        return
+    out_offsets = ((seq * NUM_Q_HEADS + heads) * NUM_SPLITS + split)
     tl.store(part_out_ptr + out_offsets[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None],
              mask=(g < GROUP)[:, None])
     tl.store(part_lse_ptr + out_offsets, tl.where(l > 0, m + tl.log(safe_l), float("-inf")), mask=g < GROUP)
@@ -75,7 +93,8 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, HEAD_DIM: tl.const
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_rows: torch.Tensor,
-                     kv_lens: torch.Tensor, scale: float, num_splits: int = 16, block_n: int = 64) -> torch.Tensor:
+                     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One query token per sequence against its cached keys: q [seqs, heads, d] -> [seqs, heads, d].
 
     Reads each sequence's cache rows in place, only up to its length; the keys are split into
@@ -86,14 +105,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     if seqs == 0:
         return out
-    part_out = torch.empty(seqs, heads, num_splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(seqs, heads, num_splits, dtype=torch.float32, device=q.device)
+    if num_splits is None:
+        # About 512 programs fill an H200's 132 multiprocessors; more splits than that only add float32
+        # partials to write and merge (67 MB per layer at 256 sequences x 16 splits, more than the cache).
+        num_splits = min(16, triton.next_power_of_2(triton.cdiv(512, seqs * kv_heads)))
+    partials = seqs * heads * num_splits if num_splits > 1 else 0
+    part_out = torch.empty(partials, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(partials, dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, cache_rows, kv_lens, part_out, part_lse, scale,
+        q, k_cache, v_cache, cache_rows, kv_lens, part_out, part_lse, out, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads, HEAD_DIM=d, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits, BLOCK_N=block_n,
         MAX_BLOCKS=triton.cdiv(triton.cdiv(k_cache.shape[2], num_splits), block_n),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # float32 stays float32 (no TF32)
-    _merge_splits_kernel[(seqs * heads,)](part_out, part_lse, out, HEAD_DIM=d, NUM_SPLITS=num_splits)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
+        ON_GPU=q.is_cuda, NUM_STAGES=num_stages, num_warps=num_warps)
+    if num_splits > 1:
+        _merge_splits_kernel[(seqs * heads,)](part_out, part_lse, out, HEAD_DIM=d, NUM_SPLITS=num_splits)
     return out
