@@ -7,7 +7,8 @@
 #   bash scripts/gpu_results.sh bench4 OUT_DIR     # 4 GPUs: scripts/bench.py at TP=2xEP=2, TP=4, EP=4
 #   bash scripts/gpu_results.sh capstone8 OUT_DIR  # 8 GPUs: TP=2xEP=4 (the seed layout), TP=8, EP=8
 #   bash scripts/gpu_results.sh bench8 OUT_DIR     # 8 GPUs: scripts/bench.py at the same three layouts
-# Copy OUT_DIR/capstone_*.json to results/capstone/ and OUT_DIR/*_tp*_ep*.json to results/bench/.
+# Copy OUT_DIR/capstone_*.json to results/capstone/, OUT_DIR/*_tp*_ep*.json to results/bench/ and
+# OUT_DIR/allreduce/*.json to results/allreduce/.
 set -euo pipefail
 what=$1
 out=${2:-results}
@@ -40,7 +41,7 @@ run_layouts() {  # "tp ep" ...: the capstone on one GPU, then in each layout, to
   python3 scripts/compare_outputs.py "$out/capstone_tp1_ep1.json" "${files[@]}"
 }
 
-run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout
+run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout, then the all-reduce check
   local gpus=$1 layout
   shift
   for layout in "$@"; do
@@ -48,6 +49,7 @@ run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout
     torchrun --standalone --nproc_per_node="$gpus" scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager \
       --out "$out"
   done
+  torchrun --standalone --nproc_per_node="$gpus" scripts/check_all_reduce.py --out "$out/allreduce"
 }
 
 case $what in

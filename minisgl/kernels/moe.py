@@ -263,12 +263,17 @@ def _scatter_by_expert_kernel(x_ptr, ids_ptr, start_ptr, out_ptr, row_of_pair_pt
 
 
 def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, rows_per_x: int,
-                   block_rows: int = 64):
+                   block_rows: int = 64, with_padding: bool = False):
     """Copy x's rows into expert order, one row per (token, expert) pair: x [n, hidden], expert_ids
-    [n * rows_per_x]; pair p reads x[p // rows_per_x].
+    [n * rows_per_x]; pair p reads x[p // rows_per_x]. With `with_padding`, an id of -1 marks a padding
+    row: it goes after every expert's rows and is not counted.
 
     Returns (rows [pairs, hidden] grouped by expert, tokens per expert [experts], row_of_pair [pairs]):
     what a stable argsort, a gather and a bincount give (bit for bit), in two kernels, with no host sync."""
+    if with_padding:
+        expert_ids = torch.where(expert_ids < 0, num_experts, expert_ids)  # padding: one more "expert", last
+        rows, counts, row_of_pair = sort_by_expert(x, expert_ids, num_experts + 1, rows_per_x, block_rows)
+        return rows, counts[:num_experts], row_of_pair
     pairs, hidden = expert_ids.numel(), x.shape[1]
     blocks = triton.cdiv(pairs, block_rows)
     hist = torch.empty(num_experts, blocks, dtype=torch.int64, device=x.device)  # [experts, row blocks]
