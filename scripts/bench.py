@@ -158,6 +158,9 @@ def main() -> int:
         f"of weights per rank")
 
     fast = FastForward(model, use_graphs=not args.no_graphs)
+    # The KV cache at its largest shape, once: a later, larger request would re-allocate it and re-capture
+    # every graph inside the timed run (as the first runs of this script did: LOG.md, step 13).
+    fast.prepare(max(args.batch, 1), max_len)
     generator = Generator(model, max_len, fast=fast)
     vocab = config.vocab_size
     phases = report["phases"]
