@@ -126,9 +126,13 @@ class FastForward:
         """No EP: rows sorted by expert (a counting sort), one grouped GEMM per projection; no host sync.
         The scatter back to token order and the top-k weighted sum are one gathering kernel."""
         rows, counts, row_of_pair = sort_by_expert(x, ids.flatten(), experts.num_local_experts, self.top_k)
-        h = silu_and_mul(grouped_gemm(rows, experts.w13, counts))
-        y = grouped_gemm(h, experts.w2, counts)                  # [tokens * top_k, hidden], expert order
+        y = self._grouped_experts(experts, rows, counts)         # [tokens * top_k, hidden], expert order
         return weighted_sum(y, weights, self.top_k, rows=row_of_pair)
+
+    @staticmethod
+    def _grouped_experts(experts, rows, counts):
+        "LocalExperts.forward (chapter 05) with the one-pass SwiGLU kernel: rows sorted by expert."
+        return grouped_gemm(silu_and_mul(grouped_gemm(rows, experts.w13, counts)), experts.w2, counts)
 
     def _moe_fixed_capacity(self, experts, x, weights, ids):
         """EP with fixed-size messages (graph-safe): every rank sends every peer `capacity` rows, real or
@@ -153,8 +157,7 @@ class FastForward:
             # Many rows: sort the real ones by expert (padding last, uncounted) for two grouped GEMMs;
             # padding rows come out as garbage, are sent back, and are never read.
             rows, counts, row_of_pair = sort_by_expert(recv, recv_ids, local, 1, with_padding=True)
-            y = grouped_gemm(silu_and_mul(grouped_gemm(rows, experts.w13, counts)), experts.w2, counts)
-            y = y[row_of_pair]                                    # back to the order the rows arrived in
+            y = self._grouped_experts(experts, rows, counts)[row_of_pair]  # in the order the rows arrived
         back = all_to_all(y, self.ctx.ep_group)                  # [ep * capacity, hidden]
         # Each pair's result sits at row dest * capacity + slot: gather, weight and sum in one kernel.
         return weighted_sum(back, weights, self.top_k, rows=dest * capacity + slot)

@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,7 @@ def run_generate(generator, prompts, new_tokens) -> dict:
             "time_to_first_token_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
             "decode_steps": s.decode_steps,
             # Host time per step: far below the step time when the CPU runs ahead of the GPU, as it should.
-            "host_seconds_per_step_median": sorted(s.per_step_seconds)[len(s.per_step_seconds) // 2]
-            if s.per_step_seconds else None,
+            "host_seconds_per_step_median": statistics.median(s.per_step_seconds) if s.per_step_seconds else None,
             "decode_tokens_per_second": len(prompts) * s.decode_steps / s.decode_seconds if s.decode_seconds else None,
             "output_tokens_per_second": len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds),
             "first_output_ids": results[0].output_ids[:16]}
