@@ -169,6 +169,25 @@ def sweep_attention_and_projections():
     return result
 
 
+def use_kernel_sweep(sweep, out):
+    """Set the grouped GEMM's and the rope kernel's blocks, and the grouped GEMM's switch-over, from a
+    scripts/probe_kernels.py sweep (before deciding the defaults in the code)."""
+    import minisgl.fast as fast
+    import minisgl.kernels.moe as moe_kernels
+    import minisgl.kernels.rope as rope_kernels
+    moe_kernels.GROUPED_BLOCKS.update({k: tuple(v) for k, v in sweep["grouped_best_blocks"].items()})
+    one_gpu = [r for r in sweep["grouped_vs_grouped_mm"] if r["layout"] == "tp1_ep1"]
+    wins = [r["rows_per_expert"] for r in one_gpu
+            if r["gate_up_triton_us"] + r["down_triton_us"] < r["gate_up_torch_us"] + r["down_torch_us"]]
+    fast.TRITON_GROUPED_MAX_ROWS_PER_EXPERT = max(wins, default=0)
+    for key, tokens in (("few", 1), ("many", 8192)):
+        best = min((r for r in sweep["rope"] if r["tokens"] == tokens), key=lambda r: r["us"])
+        rope_kernels.ROPE_BLOCKS[key] = (best["heads_per_program"], best["num_warps"])
+    out["kernel_blocks"] = {"grouped": moe_kernels.GROUPED_BLOCKS, "rope": rope_kernels.ROPE_BLOCKS,
+                            "triton_grouped_max_rows_per_expert": fast.TRITON_GROUPED_MAX_ROWS_PER_EXPERT}
+    print("kernel blocks", out["kernel_blocks"], flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
@@ -176,6 +195,7 @@ def main():
     p.add_argument("--skip_sweep", action="store_true", help="keep the block sizes in minisgl.kernels.moe")
     p.add_argument("--only_attention_sweep", action="store_true",
                    help="only sweep decode attention and the attention projections, then stop")
+    p.add_argument("--kernel_blocks", help="kernels.json of scripts/probe_kernels.py: use its fastest blocks")
     args = p.parse_args()
     out = {}
     torch.cuda.set_device(0)
@@ -183,6 +203,8 @@ def main():
         Path(args.out, "attention_sweep.json").write_text(json.dumps(sweep_attention_and_projections(), indent=2))
         return
     import minisgl.kernels.moe as moe_kernels
+    if args.kernel_blocks:
+        use_kernel_sweep(json.loads(Path(args.kernel_blocks).read_text()), out)
     if not args.skip_sweep:
         out["sweep"] = sweep()
         moe_kernels.MOE_BLOCKS["gate_up"] = tuple(out["sweep"]["gate_up_best"])
@@ -249,6 +271,20 @@ def main():
             ms = timed(lambda: fast._decode_eager(tk, ps, fixed_shapes=True), 5) * 1e3
             out[f"fasteager_decode_step_ms_b{bsz}"] = ms
             print(f"fast eager decode b{bsz}: {ms:.3f} ms/step", flush=True)
+
+        # The same graphs without programmatic dependent launch: what the early launches buy.
+        import minisgl.kernels.launch as launch
+        launch.USE_PDL = False
+        for bsz in [1, 256]:
+            fast.graphs = {}
+            padded = fast.prepare(bsz, 1024)
+            tk = torch.randint(0, 1000, (bsz,), device="cuda")
+            ps = torch.full((bsz,), 600, device="cuda")
+            ms = timed(lambda: fast.decode(tk, ps, padded), 20) * 1e3
+            out[f"graph_decode_step_ms_b{bsz}_no_pdl"] = ms
+            print(f"graph decode b{bsz} without PDL: {ms:.3f} ms/step = {bsz / ms * 1e3:.0f} tok/s", flush=True)
+        launch.USE_PDL = True
+        fast.graphs = {}
 
         # The generation loop around the graph: sampling, bookkeeping, and any gap between replays.
         from torch.profiler import ProfilerActivity, profile

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from minisgl.kernels.attention import decode_attention  # noqa: E402
-from minisgl.kernels.moe import (moe_down, moe_gate_up, router_topk, silu_and_mul, sort_by_expert,  # noqa: E402
-                                 topk_softmax, weighted_sum)
+from minisgl.kernels.gemv import gemv, linear  # noqa: E402
+from minisgl.kernels.moe import (moe_down, moe_gate_up, moe_grouped_gemm, router_topk, silu_and_mul,  # noqa: E402
+                                 sort_by_expert, topk_softmax, weighted_sum)
 from minisgl.kernels.norm import add_rms_norm  # noqa: E402
 from minisgl.kernels.rope import qk_norm_rope_cache  # noqa: E402
 from minisgl.layers.mlp import silu_and_mul as reference_silu_and_mul
@@ -41,7 +42,8 @@ def test_add_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qk_norm_rope_cache(dtype):
+@pytest.mark.parametrize("blocks", [(1, 1), (2, 2), (8, 4)])  # heads per program, warps; 8: q and k heads in one
+def test_qk_norm_rope_cache(dtype, blocks):
     tokens, heads, kv_heads, d = 3, 4, 2, 32
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
     q_norm, k_norm = RMSNorm(d, 1e-6, dtype, DEVICE), RMSNorm(d, 1e-6, dtype, DEVICE)
@@ -52,7 +54,7 @@ def test_qk_norm_rope_cache(dtype):
     k_cache = torch.full((3, kv_heads, 64, d), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = k_cache.clone()
     q = qk_norm_rope_cache(qkv, heads, kv_heads, d, q_norm.weight, k_norm.weight, 1e-6, rotary.cos, rotary.sin,
-                           positions, rows, k_cache, v_cache)
+                           positions, rows, k_cache, v_cache, blocks=blocks)
     q_ref, k_ref, v_ref = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q_ref, k_ref = rotary(positions, q_norm(q_ref.view(tokens, heads, d)), k_norm(k_ref.view(tokens, kv_heads, d)))
     assert rel_err(q, q_ref) < TOL[dtype]
@@ -158,3 +160,31 @@ def test_silu_and_mul_and_gathering_weighted_sum(dtype):
     ref = (y[rows].view(tokens, top_k, hidden).float() * w.float()[..., None]).sum(1)
     assert rel_err(weighted_sum(y, w, top_k, rows=rows), ref) < TOL[dtype]
     assert rel_err(weighted_sum(y[rows], w, top_k), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_moe_grouped_gemm(dtype, block_m):
+    """Sorted rows, uneven experts (none, one, several tiles), padding rows after the real ones, against
+    chapter 05's grouped_gemm (+ silu_and_mul for gate/up)."""
+    from minisgl.moe.experts import grouped_gemm
+    counts = torch.tensor([5, 0, 70, 1, 33, 2], device=DEVICE)
+    experts, hidden, inter, real = 6, 64, 48, int(counts.sum())
+    x = torch.randn(real + 9, hidden, dtype=dtype, device=DEVICE)
+    w13 = 0.1 * torch.randn(experts, 2 * inter, hidden, dtype=dtype, device=DEVICE)
+    w2 = 0.1 * torch.randn(experts, hidden, inter, dtype=dtype, device=DEVICE)
+    h = moe_grouped_gemm(x, w13, counts, swiglu=True, blocks=(block_m, 16, 32, 4, 2))
+    h_ref = silu_and_mul(grouped_gemm(x[:real].float(), w13.float(), counts)).to(dtype)
+    assert h.shape == (real + 9, inter)
+    assert rel_err(h[:real], h_ref) < TOL[dtype]
+    y = moe_grouped_gemm(h_ref, w2, counts, blocks=(block_m, 32, 16, 4, 2))
+    assert rel_err(y, grouped_gemm(h_ref.float(), w2.float(), counts)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv(dtype):
+    x, weight = torch.randn(1, 200, dtype=dtype, device=DEVICE), torch.randn(70, 200, dtype=dtype, device=DEVICE)
+    ref = F.linear(x.float(), weight.float())
+    assert rel_err(gemv(x, weight, (4, 64, 4)), ref) < TOL[dtype]  # a half-empty last block of rows and of k
+    rows = torch.randn(3, 200, dtype=dtype, device=DEVICE)  # more than one token: cuBLAS
+    assert rel_err(linear(rows, weight, (4, 64, 4)), F.linear(rows.float(), weight.float())) < TOL[dtype]

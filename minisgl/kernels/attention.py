@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_options, pdl_wait
+
 # %% ../../notebooks/09_making_it_fast.ipynb #2b491172
 @triton.jit
 def _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos_stride, scale, m, l, acc,
@@ -36,7 +38,8 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, 
                              NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
                              BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
-                             ON_GPU: tl.constexpr, NUM_STAGES: tl.constexpr):
+                             ON_GPU: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,7 +83,8 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, 
 
 @triton.jit
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, HEAD_DIM: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     head = tl.program_id(0)  # flattened (seq, q head)
     splits = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
@@ -119,7 +123,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits, BLOCK_N=block_n,
         MAX_BLOCKS=triton.cdiv(triton.cdiv(k_cache.shape[2], num_splits), block_n),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
-        ON_GPU=q.is_cuda, NUM_STAGES=num_stages, num_warps=num_warps)
+        ON_GPU=q.is_cuda, NUM_STAGES=num_stages, num_warps=num_warps, **pdl_options(q))
     if num_splits > 1:
-        _merge_splits_kernel[(seqs * heads,)](part_out, part_lse, out, HEAD_DIM=d, NUM_SPLITS=num_splits)
+        _merge_splits_kernel[(seqs * heads,)](part_out, part_lse, out, HEAD_DIM=d, NUM_SPLITS=num_splits,
+                                              **pdl_options(q))
     return out

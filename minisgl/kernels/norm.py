@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_options, pdl_wait
+
 # %% ../../notebooks/09_making_it_fast.ipynb #021100bd
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, eps, hidden: tl.constexpr,
-                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -40,5 +43,5 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     if x.shape[0]:
         _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, summed, eps,
                                             hidden=hidden, BLOCK=triton.next_power_of_2(hidden),
-                                            HAS_RESIDUAL=residual is not None)
+                                            HAS_RESIDUAL=residual is not None, **pdl_options(x))
     return (out, summed) if residual is not None else out
