@@ -10,7 +10,9 @@ One run measures, in this order:
   batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
   prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill: tok/s;
   reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
-             the same machine with the same shapes: the floor we compare against.
+             the same machine with the same shapes: the floor we compare against;
+  profile    (--profile DIR) kernel tables of rank 0 for one prefill of the 8,192 tokens and one decode
+             step of the batch (run without a graph, same kernels), written to DIR.
 Each result is printed beside its roofline fraction, and everything goes to one JSON file named after
 the GPU, the layout and the date, which chapter 09 reads.
 """
@@ -110,6 +112,34 @@ def reference_transformers(config, device, prompt_len, new_tokens, batches) -> d
     return out
 
 
+def profile_steps(fast, ctx, args, vocab, max_len, out_dir):
+    """Rank 0's CUDA kernel table for one prefill of `prefill_seqs` prompts and one decode step of `batch`
+    sequences (split over the EP replicas), each run eagerly with the decode step's fixed shapes: the
+    kernels a graph would replay, with their times. Every rank runs the same steps (collectives)."""
+    from torch.profiler import ProfilerActivity, profile
+    device = ctx.device
+    prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+    per_replica = max(1, args.batch // ctx.ep_size)
+    padded = fast.prepare(max(args.batch, 1), max_len, ep_max_seqs=per_replica)
+    tokens = torch.randint(0, vocab, (padded,), device=device)
+    positions = torch.full((padded,), args.prompt_len, device=device)
+    layout = f"tp{ctx.tp_size}_ep{ctx.ep_size}"
+    for name, step in ((f"prefill{len(prompts) * args.prompt_len}", lambda: fast.prefill(prompts)),
+                       (f"decode_b{args.batch}", lambda: fast._decode_eager(tokens, positions, fixed_shapes=True))):
+        step()  # warm-up
+        torch.cuda.synchronize(device)
+        if ctx.world_size > 1:
+            dist.barrier()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        if ctx.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            table = prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+            (out_dir / f"profile_{name}_{layout}.txt").write_text(table)
+            log(f"profile of {name} written to {out_dir}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp_size", type=int, default=1)
@@ -122,6 +152,7 @@ def main() -> int:
     p.add_argument("--reference", action="store_true", help="also time transformers' generate (rank 0, one GPU)")
     p.add_argument("--reference_tokens", type=int, default=32)
     p.add_argument("--no_graphs", action="store_true")
+    p.add_argument("--profile", help="write rank 0's kernel tables for one prefill and one decode step here")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default="", help="appended to the result file name")
     args = p.parse_args()
@@ -205,6 +236,9 @@ def main() -> int:
         phases["prefill"] = r
         log(f"prefill {tokens} tokens: {r['tokens_per_second']:.0f} tok/s = {100 * r['matmul_fraction']:.0f}% of "
             f"the bf16 matmul ceiling of {ctx.world_size} GPU(s)")
+
+    if args.profile:
+        profile_steps(fast, ctx, args, vocab, max_len, Path(args.profile))
 
     report["peak_memory_bytes_per_rank"] = torch.cuda.max_memory_allocated(device)
     if ctx.world_size > 1:

@@ -8,8 +8,9 @@
 #   bash scripts/gpu_results.sh bench4 OUT_DIR     # 4 GPUs: scripts/bench.py at TP=2xEP=2, TP=4, EP=4
 #   bash scripts/gpu_results.sh capstone8 OUT_DIR  # 8 GPUs: TP=2xEP=4 (the seed layout), TP=8, EP=8
 #   bash scripts/gpu_results.sh bench8 OUT_DIR     # 8 GPUs: scripts/bench.py at the same three layouts
-# Copy OUT_DIR/capstone_*.json to results/capstone/, OUT_DIR/*_tp*_ep*.json to results/bench/ and
-# OUT_DIR/allreduce/*.json to results/allreduce/.
+# Copy OUT_DIR/capstone_*.json to results/capstone/, OUT_DIR/*_tp*_ep*.json to results/bench/,
+# OUT_DIR/profiles/*.txt to results/probe/ and OUT_DIR/allreduce/*.json to results/allreduce/.
+# The device tool brings back at most 8 files per call: tar OUT_DIR into one.
 set -euo pipefail
 what=$1
 out=${2:-results}
@@ -48,7 +49,7 @@ run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout, then the 
   for layout in "$@"; do
     set -- $layout
     torchrun --standalone --nproc_per_node="$gpus" scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager \
-      --out "$out"
+      --reference --profile "$out/profiles" --out "$out"
   done
   torchrun --standalone --nproc_per_node="$gpus" scripts/check_all_reduce.py --out "$out/allreduce"
 }
