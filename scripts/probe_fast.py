@@ -113,19 +113,26 @@ def sweep():
     return res
 
 
-def graph_time_us(fn, calls=20):
-    "Microseconds per call of fn, replayed as a CUDA graph of `calls` calls (no launch overhead)."
+def graph_time_us(fns, repeat=10):
+    """Microseconds per call of the callables `fns`, captured one after another into one CUDA graph (no
+    launch overhead) and replayed `repeat` times. Also used by probe_kernels.py and probe_pdl.py."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns[:2]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
+        for fn in fns:
             fn()
-    return timed(graph.replay, 10) / calls * 1e6
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat / len(fns) * 1e6
 
 
 def sweep_attention_and_projections():
@@ -147,7 +154,7 @@ def sweep_attention_and_projections():
                         return decode_attention(q, k_cache, v_cache, rows, lens, 128 ** -0.5, block_n=block_n,
                                                 num_warps=warps, num_stages=stages)
                     err = (call().float() - ref.float()).abs().max().item()
-                    us = graph_time_us(call)
+                    us = graph_time_us([call] * 20)
                     result["attention"].append({"seqs": seqs, "block_n": block_n, "num_warps": warps,
                                                 "num_stages": stages, "us": us, "max_err": err})
                     print("attention", result["attention"][-1], flush=True)
@@ -163,29 +170,10 @@ def sweep_attention_and_projections():
             def call():
                 state["i"] = (state["i"] + 1) % 8
                 return fn(weights[state["i"]])
-            us = graph_time_us(call, calls=48)
+            us = graph_time_us([call] * 48)
             result["projections"][f"{name} {label}"] = {"us": us, "tb_per_s": out_features * in_features * 2 / us / 1e6}
             print("projection", name, label, result["projections"][f"{name} {label}"], flush=True)
     return result
-
-
-def use_kernel_sweep(sweep, out):
-    """Set the grouped GEMM's and the rope kernel's blocks, and the grouped GEMM's switch-over, from a
-    scripts/probe_kernels.py sweep (before deciding the defaults in the code)."""
-    import minisgl.fast as fast
-    import minisgl.kernels.moe as moe_kernels
-    import minisgl.kernels.rope as rope_kernels
-    moe_kernels.GROUPED_BLOCKS.update({k: tuple(v) for k, v in sweep["grouped_best_blocks"].items()})
-    one_gpu = [r for r in sweep["grouped_vs_grouped_mm"] if r["layout"] == "tp1_ep1"]
-    wins = [r["rows_per_expert"] for r in one_gpu
-            if r["gate_up_triton_us"] + r["down_triton_us"] < r["gate_up_torch_us"] + r["down_torch_us"]]
-    fast.TRITON_GROUPED_MAX_ROWS_PER_EXPERT = max(wins, default=0)
-    for key, tokens in (("few", 1), ("many", 8192)):
-        best = min((r for r in sweep["rope"] if r["tokens"] == tokens), key=lambda r: r["us"])
-        rope_kernels.ROPE_BLOCKS[key] = (best["heads_per_program"], best["num_warps"])
-    out["kernel_blocks"] = {"grouped": moe_kernels.GROUPED_BLOCKS, "rope": rope_kernels.ROPE_BLOCKS,
-                            "triton_grouped_max_rows_per_expert": fast.TRITON_GROUPED_MAX_ROWS_PER_EXPERT}
-    print("kernel blocks", out["kernel_blocks"], flush=True)
 
 
 def main():
@@ -195,7 +183,6 @@ def main():
     p.add_argument("--skip_sweep", action="store_true", help="keep the block sizes in minisgl.kernels.moe")
     p.add_argument("--only_attention_sweep", action="store_true",
                    help="only sweep decode attention and the attention projections, then stop")
-    p.add_argument("--kernel_blocks", help="kernels.json of scripts/probe_kernels.py: use its fastest blocks")
     args = p.parse_args()
     out = {}
     torch.cuda.set_device(0)
@@ -203,8 +190,6 @@ def main():
         Path(args.out, "attention_sweep.json").write_text(json.dumps(sweep_attention_and_projections(), indent=2))
         return
     import minisgl.kernels.moe as moe_kernels
-    if args.kernel_blocks:
-        use_kernel_sweep(json.loads(Path(args.kernel_blocks).read_text()), out)
     if not args.skip_sweep:
         out["sweep"] = sweep()
         moe_kernels.MOE_BLOCKS["gate_up"] = tuple(out["sweep"]["gate_up_best"])
@@ -259,12 +244,14 @@ def main():
         out["ref_logit_scale"] = ref_logits[0].float().abs().max().item()
         print("errs", errs, ref_toks, fast_toks, flush=True)
 
-        pos = torch.tensor([600], device="cuda")
+        def decode_inputs(bsz):
+            "Cache rows for bsz sequences at position 600 (captured size, tokens, positions)."
+            return (fast.prepare(bsz, 1024), torch.randint(0, 1000, (bsz,), device="cuda"),
+                    torch.full((bsz,), 600, device="cuda"))
+
         fast.graphs = {}
         for bsz in [1, 8, 64, 256]:
-            padded = fast.prepare(bsz, 1024)
-            tk = torch.randint(0, 1000, (bsz,), device="cuda")
-            ps = torch.full((bsz,), 600, device="cuda")
+            padded, tk, ps = decode_inputs(bsz)
             ms = timed(lambda: fast.decode(tk, ps, padded), 20) * 1e3
             out[f"graph_decode_step_ms_b{bsz}"] = ms
             print(f"graph decode b{bsz}: {ms:.3f} ms/step = {bsz / ms * 1e3:.0f} tok/s", flush=True)
@@ -277,9 +264,7 @@ def main():
         launch.USE_PDL = False
         for bsz in [1, 256]:
             fast.graphs = {}
-            padded = fast.prepare(bsz, 1024)
-            tk = torch.randint(0, 1000, (bsz,), device="cuda")
-            ps = torch.full((bsz,), 600, device="cuda")
+            padded, tk, ps = decode_inputs(bsz)
             ms = timed(lambda: fast.decode(tk, ps, padded), 20) * 1e3
             out[f"graph_decode_step_ms_b{bsz}_no_pdl"] = ms
             print(f"graph decode b{bsz} without PDL: {ms:.3f} ms/step = {bsz / ms * 1e3:.0f} tok/s", flush=True)

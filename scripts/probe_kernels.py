@@ -21,34 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.moe import (moe_down, moe_grouped_gemm, silu_and_mul, sort_by_expert,
-                                 weighted_sum)
+from minisgl.kernels.moe import moe_down, moe_grouped_gemm, silu_and_mul, sort_by_expert
 from minisgl.kernels.rope import qk_norm_rope_cache
 from minisgl.moe.experts import grouped_gemm
+from probe_fast import gemv, graph_time_us
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 2048, 768, 128, 8
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
-
-
-def graph_time_us(fns, repeat=10):
-    "Microseconds per call of the callables `fns`, captured one after another into one CUDA graph."
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeat / len(fns) * 1e6
 
 
 def sorted_rows(seqs, experts, hidden, seed):
@@ -227,7 +206,6 @@ def gemv_projections(out):
     """The attention projections at one token: a Triton gemv (scripts/probe_fast.py's, results/LOG.md step 4)
     against cuBLAS, both inside CUDA graphs this time (step 4 timed eager launches, which flattered cuBLAS's
     cheaper launch), weights rotated through 8 copies so L2 cannot hold them."""
-    from probe_fast import gemv
     rows = []
     for name, n, k in (("qkv", 5120, 2048), ("o", 2048, 4096)):
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(8)]

@@ -6,8 +6,10 @@ interrupt chapter 09's chains). Wrote results/probe/h200_pdl_micro_2026-11-28.js
 
     python scripts/probe_pdl.py OUT_DIR      # writes OUT_DIR/pdl_micro.json
 """
-import time, json, os, sys
+import json, os, sys
 import torch, triton, triton.language as tl
+
+from probe_fast import graph_time_us
 
 @triton.jit
 def _step(x_ptr, y_ptr, N: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
@@ -25,21 +27,6 @@ def chain(bufs, progs, pdl, gemv_every=0, w=None):
         if gemv_every and j % gemv_every == 0:
             torch.nn.functional.linear(bufs[j + 1][None, :2048], w)
 
-def time_graph(fn, reps=20):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(); fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay(); torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
-
 res = {}
 n = 400
 w = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
@@ -47,9 +34,8 @@ for progs in (1, 16, 128):
     bufs = [torch.randn(2048 * progs, device="cuda", dtype=torch.bfloat16) for _ in range(n + 1)]
     for pdl in (False, True):
         for gemv_every in (0, 4):
-            t = time_graph(lambda: chain(bufs, progs, pdl, gemv_every, w))
             key = f"progs{progs}_pdl{int(pdl)}_gemv{gemv_every}"
-            res[key] = t / n * 1e6
+            res[key] = graph_time_us([lambda: chain(bufs, progs, pdl, gemv_every, w)], repeat=20) / n
             print(key, f"{res[key]:.2f} us per small kernel", flush=True)
     # same result?
     outs = []
