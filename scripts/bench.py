@@ -8,7 +8,7 @@ One run measures, in this order:
   single     one sequence: time to first token of a 512-token prompt, then decode tok/s over 256 tokens;
   eager      the same single sequence with the fast paths off (the plain PyTorch model), fewer tokens;
   batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
-  prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill: tok/s;
+  prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill, split over the EP replicas: tok/s;
   reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
              the same machine with the same shapes: the floor we compare against;
   profile    (--profile DIR) kernel tables of rank 0 for one prefill of the 8,192 tokens and one decode
@@ -79,6 +79,15 @@ def random_prompts(count, length, vocab, seed):
     return torch.randint(0, vocab, (count, length), generator=g).tolist()
 
 
+def replica_share(prompts, ctx):
+    """The prompts this rank's attention replica prefills: prompt i goes to replica i % ep_size, as in
+    `Generator`. (Before LOG step 19 every replica prefilled all of them, so EP layouts did ep_size times
+    the work the reported tok/s counted.)"""
+    if len(prompts) % ctx.ep_size:
+        raise SystemExit(f"--prefill_seqs {len(prompts)} is not divisible by ep_size {ctx.ep_size}")
+    return prompts[ctx.ep_rank::ctx.ep_size]
+
+
 def run_generate(generator, prompts, new_tokens) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     results = generator.generate(prompts, params)
@@ -119,12 +128,13 @@ def profile_steps(fast, ctx, args, vocab, max_len, out_dir):
     from torch.profiler import ProfilerActivity, profile
     device = ctx.device
     prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+    mine = replica_share(prompts, ctx)
     per_replica = max(1, args.batch // ctx.ep_size)
     padded = fast.prepare(max(args.batch, 1), max_len, ep_max_seqs=per_replica)
     tokens = torch.randint(0, vocab, (padded,), device=device)
     positions = torch.full((padded,), args.prompt_len, device=device)
     layout = f"tp{ctx.tp_size}_ep{ctx.ep_size}"
-    for name, step in ((f"prefill{len(prompts) * args.prompt_len}", lambda: fast.prefill(prompts)),
+    for name, step in ((f"prefill{len(prompts) * args.prompt_len}", lambda: fast.prefill(mine)),
                        (f"decode_b{args.batch}", lambda: fast._decode_eager(tokens, positions, fixed_shapes=True))):
         step()  # warm-up
         torch.cuda.synchronize(device)
@@ -152,6 +162,8 @@ def main() -> int:
     p.add_argument("--reference", action="store_true", help="also time transformers' generate (rank 0, one GPU)")
     p.add_argument("--reference_tokens", type=int, default=32)
     p.add_argument("--no_graphs", action="store_true")
+    p.add_argument("--two_shot_max_tokens", type=int, default=None,
+                   help="TP all-reduces up to this many tokens two-shot over symmetric memory (default: the engine's)")
     p.add_argument("--profile", help="write rank 0's kernel tables for one prefill and one decode step here")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--tag", default="", help="appended to the result file name")
@@ -188,7 +200,9 @@ def main() -> int:
     log(f"model built in {report['load_seconds']:.1f} s, {report['weight_bytes_per_rank'] / 2**30:.2f} GiB "
         f"of weights per rank")
 
-    fast = FastForward(model, use_graphs=not args.no_graphs)
+    options = {} if args.two_shot_max_tokens is None else {"two_shot_max_tokens": args.two_shot_max_tokens}
+    fast = FastForward(model, use_graphs=not args.no_graphs, **options)
+    report["two_shot_max_tokens"] = fast.two_shot_max_tokens
     # The KV cache at its largest shape, once: a later, larger request would re-allocate it and re-capture
     # every graph inside the timed run (as the first runs of this script did: LOG.md, step 13).
     fast.prepare(max(args.batch, 1), max_len)
@@ -226,9 +240,10 @@ def main() -> int:
 
     if "prefill" not in skip:
         prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
-        fast.prepare(len(prompts), max_len)
-        fast.prefill(prompts)
-        seconds = timed(lambda: fast.prefill(prompts), device, repeat=3)
+        mine = replica_share(prompts, ctx)
+        fast.prepare(len(mine), max_len)
+        fast.prefill(mine)
+        seconds = timed(lambda: fast.prefill(mine), device, repeat=3)
         tokens = len(prompts) * args.prompt_len
         r = {"sequences": len(prompts), "prompt_tokens": args.prompt_len, "seconds": seconds,
              "tokens_per_second": tokens / seconds,

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Check and time the one-shot symmetric-memory all-reduce against NCCL's, on the GPUs of one machine.
+"""Check and time the symmetric-memory all-reduces (one-shot, two-shot) against NCCL's, on the GPUs of one machine.
 
     torchrun --nproc_per_node=2 scripts/check_all_reduce.py --out results/allreduce
 
-For each size it sums a random bfloat16 tensor over all ranks both ways and compares the results, then
-times each way eagerly and inside a CUDA graph (48 calls per replay: a decode step's worth). Rank 0
-writes <gpu>_x<ranks>_<date>.json, which chapter 09 prints. Exits non-zero if the two sums disagree.
+For each size it sums a random bfloat16 tensor over all ranks with NCCL and with the one-shot and two-shot
+symmetric-memory all-reduces, compares the sums, then times each way eagerly and inside a CUDA graph (48
+calls per replay: a decode step's worth). Rank 0 writes <gpu>_x<ranks>_<date>.json, which chapter 09
+prints. Exits non-zero if the sums disagree.
 """
 import argparse
 import datetime
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minisgl.symmetric import OneShotAllReduce
+from minisgl.symmetric import SymmetricAllReduce
 
 HIDDEN = 2048  # Qwen3-30B-A3B's hidden size: one token's activations per row
 
@@ -59,23 +60,25 @@ def main() -> int:
     group = dist.new_group(list(range(dist.get_world_size())))
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [int(t) * HIDDEN for t in args.tokens.split(",")]
-    one_shot = OneShotAllReduce(group, device, max(sizes), torch.bfloat16)
+    symmetric = SymmetricAllReduce(group, device, max(sizes), torch.bfloat16)
 
     rows, ok = [], True
     for numel in sizes:
         x = torch.randn(numel, dtype=torch.bfloat16, device=device, generator=torch.Generator(device).manual_seed(rank))
         nccl = x.clone()
         dist.all_reduce(nccl, group=group)
-        mine = one_shot(x.clone())
-        diff = (mine.float() - nccl.float()).abs().max().item()
-        # Two ranks add the same two numbers either way; more ranks may add in another order (bf16 rounding).
-        ok &= diff == 0 if world == 2 else diff <= 2 ** -6 * nccl.float().abs().max().item()
-        buf_nccl, buf_one = x.clone(), x.clone()
-        row = {"numel": numel, "bytes": numel * 2, "max_abs_diff": diff,
-               "nccl_eager_us": per_call_us(lambda: dist.all_reduce(buf_nccl, group=group), 48, graph=False),
-               "nccl_graph_us": per_call_us(lambda: dist.all_reduce(buf_nccl, group=group), 48, graph=True),
-               "one_shot_eager_us": per_call_us(lambda: one_shot(buf_one), 48, graph=False),
-               "one_shot_graph_us": per_call_us(lambda: one_shot(buf_one), 48, graph=True)}
+        row = {"numel": numel, "bytes": numel * 2}
+        for way, reduce in (("one_shot", symmetric.one_shot), ("two_shot", symmetric.two_shot)):
+            diff = (reduce(x.clone()).float() - nccl.float()).abs().max().item()
+            # Two ranks add the same two numbers either way; more ranks may add in another order (bf16 rounding).
+            ok &= diff == 0 if world == 2 else diff <= 2 ** -6 * nccl.float().abs().max().item()
+            row[f"{way}_max_abs_diff"] = diff
+        buf = x.clone()
+        row.update(nccl_eager_us=per_call_us(lambda: dist.all_reduce(buf, group=group), 48, graph=False),
+                   nccl_graph_us=per_call_us(lambda: dist.all_reduce(buf, group=group), 48, graph=True))
+        for way, reduce in (("one_shot", symmetric.one_shot), ("two_shot", symmetric.two_shot)):
+            row[f"{way}_eager_us"] = per_call_us(lambda: reduce(buf), 48, graph=False)
+            row[f"{way}_graph_us"] = per_call_us(lambda: reduce(buf), 48, graph=True)
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)

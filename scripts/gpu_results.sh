@@ -4,6 +4,8 @@
 #   bash scripts/gpu_results.sh bench1 OUT_DIR     # scripts/bench.py on one GPU, with the transformers floor
 #   bash scripts/gpu_results.sh bench2 OUT_DIR     # scripts/bench.py at TP=2 and at EP=2
 #   bash scripts/gpu_results.sh many OUT_DIR       # 42 prompts (21 per EP replica: the sorted MoE path), EP=2 vs 1 GPU
+#   bash scripts/gpu_results.sh many4 OUT_DIR      # TP=4 vs 1 GPU: 42 prompts (a 560-token prefill: two-shot
+#                                                  # all-reduces), 84 prompts (84-row decode steps: two-shot)
 #   bash scripts/gpu_results.sh capstone4 OUT_DIR  # 4 GPUs: TP=2xEP=2, TP=4, EP=4 against one GPU
 #   bash scripts/gpu_results.sh bench4 OUT_DIR     # 4 GPUs: scripts/bench.py at TP=2xEP=2, TP=4, EP=4
 #   bash scripts/gpu_results.sh capstone8 OUT_DIR  # 8 GPUs: TP=2xEP=4 (the seed layout), TP=8, EP=8
@@ -51,7 +53,22 @@ run_benches() {  # gpus "tp ep" ...: scripts/bench.py once per layout, then the 
     torchrun --standalone --nproc_per_node="$gpus" scripts/bench.py --tp_size "$1" --ep_size "$2" --skip eager \
       --reference --profile "$out/profiles" --out "$out"
   done
-  torchrun --standalone --nproc_per_node="$gpus" scripts/check_all_reduce.py --out "$out/allreduce"
+  torchrun --standalone --nproc_per_node="$gpus" scripts/check_all_reduce.py --tokens 1,8,64,256,1024,8192 --out "$out/allreduce"
+}
+
+run_many() {  # copies "tp ep" ...: the three prompts `copies` times over, each layout against the first
+  local copies=$1 layout many=() files=()
+  shift
+  for _ in $(seq "$copies"); do many+=("${prompts[@]}"); done
+  for layout in "$@"; do
+    set -- $layout
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(($1 * $2 - 1))) torchrun --standalone --nproc_per_node=$(($1 * $2)) \
+      scripts/run_inference.py --tp_size "$1" --ep_size "$2" --preset qwen3-30b-a3b --max_new_tokens 24 \
+      --ignore_eos --record_margins --max_seq_len 512 "${many[@]}" \
+      --json "$out/capstone$((3 * copies))_tp$1_ep$2.json" 2>&1 | tail -3
+    files+=("$out/capstone$((3 * copies))_tp$1_ep$2.json")
+  done
+  python3 scripts/compare_outputs.py "${files[@]}"
 }
 
 case $what in
@@ -66,20 +83,11 @@ case $what in
     CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node=1 scripts/bench.py --reference --out "$out"
     ;;
   bench2) run_benches 2 "2 1" "1 2" ;;
-  many)
-    many=()
-    for _ in $(seq 14); do many+=("${prompts[@]}"); done
-    for layout in "1 1" "1 2"; do
-      set -- $layout
-      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(($2 - 1))) torchrun --standalone --nproc_per_node="$2" \
-        scripts/run_inference.py --tp_size 1 --ep_size "$2" --preset qwen3-30b-a3b --max_new_tokens 24 --ignore_eos \
-        --record_margins --max_seq_len 512 "${many[@]}" --json "$out/capstone42_tp1_ep$2.json" 2>&1 | tail -3
-    done
-    python3 scripts/compare_outputs.py "$out/capstone42_tp1_ep1.json" "$out/capstone42_tp1_ep2.json"
-    ;;
+  many) run_many 14 "1 1" "1 2" ;;
+  many4) run_many 14 "1 1" "4 1"; run_many 28 "1 1" "4 1" ;;
   capstone4) run_layouts "2 2" "4 1" "1 4" ;;
   bench4) run_benches 4 "2 2" "4 1" "1 4" ;;
   capstone8) run_layouts "2 4" "8 1" "1 8" ;;
   bench8) run_benches 8 "2 4" "8 1" "1 8" ;;
-  *) echo "usage: $0 capstone|bench1|bench2|many|capstone4|bench4|capstone8|bench8 OUT_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 capstone|bench1|bench2|many|many4|capstone4|bench4|capstone8|bench8 OUT_DIR" >&2; exit 2 ;;
 esac

@@ -3,7 +3,8 @@
 a CUDA graph (no launch overhead) and checked against the path it would replace:
 
 - `moe_grouped_gemm` (Triton, SwiGLU fused into gate/up) against torch's grouped_mm + `silu_and_mul`,
-  for sorted rows from 16 to 8,192 sequences, at the expert shapes of one GPU, TP=2 and EP=2;
+  for sorted rows from 16 to 8,192 sequences, at the expert shapes of one GPU, TP=2 and EP=2 (or, with
+  --grouped_layout, the block sweep and comparison at another layout's per-rank shapes);
 - `qk_norm_rope_cache` with 1 to 16 heads per program, at 1, 256 and 8,192 tokens;
 - a candidate `moe_down` that adds each token's top-k weighted sum itself (one kernel instead of two at
   batch 1), against `moe_down` + `weighted_sum`;
@@ -35,7 +36,7 @@ def sorted_rows(seqs, experts, hidden, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(seqs, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
     ids = torch.rand(seqs, EXPERTS, device="cuda", generator=g).topk(TOP_K, dim=1).indices
-    if experts < EXPERTS:  # EP=2: this rank's half of the experts, the rows that chose them
+    if experts < EXPERTS:  # EP: this rank's share of the experts (the first ones), the rows that chose them
         keep = ids.flatten() < experts
         rows, counts, _ = sort_by_expert(x, ids.flatten(), EXPERTS, TOP_K)
         return rows[: int(keep.sum())], counts[:experts]
@@ -43,10 +44,14 @@ def sorted_rows(seqs, experts, hidden, seed):
     return rows, counts
 
 
-def grouped(out):
+def grouped(out, layout="tp1_ep1"):
+    "Block sweep of `moe_grouped_gemm` at one layout's expert shapes (per rank), then against grouped_mm."
     dev = "cuda"
-    shapes = {"tp1_ep1": (EXPERTS, INTERMEDIATE), "tp2_ep1": (EXPERTS, INTERMEDIATE // 2),
-              "tp1_ep2": (EXPERTS // 2, INTERMEDIATE)}
+    all_shapes = {"tp1_ep1": (EXPERTS, INTERMEDIATE), "tp2_ep1": (EXPERTS, INTERMEDIATE // 2),
+                  "tp1_ep2": (EXPERTS // 2, INTERMEDIATE), "tp4_ep1": (EXPERTS, INTERMEDIATE // 4),
+                  "tp2_ep2": (EXPERTS // 2, INTERMEDIATE // 2), "tp1_ep4": (EXPERTS // 4, INTERMEDIATE)}
+    table_layouts = ("tp1_ep1", "tp2_ep1", "tp1_ep2") if layout == "tp1_ep1" else (layout,)
+    shapes = {name: all_shapes[name] for name in dict.fromkeys((layout,) + table_layouts)}
     weights = {}
     for name, (experts, inter) in shapes.items():
         torch.manual_seed(0)
@@ -72,7 +77,7 @@ def grouped(out):
         used = int((counts > 0).sum())
         return used * (2 * inter * HIDDEN if which == "gate_up" else HIDDEN * inter) * 2
 
-    # 1. Block sizes at 256 sequences on one GPU.
+    # 1. Block sizes at 256 sequences (per replica).
     sweep = {"gate_up": [], "down": []}
     configs = [c for c in itertools.product((16, 32), (32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (8, 3)))]
     for which, index in (("gate_up", 0), ("down", 1)):
@@ -80,23 +85,29 @@ def grouped(out):
             cfg = (bm, bn, bk, warps, stages)
             blocks = [None, None]
             blocks[index] = cfg
-            inputs, fns = variants("tp1_ep1", 256, tuple(blocks))
+            inputs, fns = variants(layout, 256, tuple(blocks))
             try:
                 us = graph_time_us(fns[which]["triton"] * 8)
             except Exception as e:  # out of shared memory or registers: skip
                 print("skip", which, cfg, type(e).__name__, flush=True)
                 continue
-            tbs = bytes_read("tp1_ep1", inputs[0][1], which) / us / 1e6
+            tbs = bytes_read(layout, inputs[0][1], which) / us / 1e6
             sweep[which].append({"blocks": cfg, "us": round(us, 2), "tb_per_s": round(tbs, 3)})
             print(which, sweep[which][-1], flush=True)
         sweep[which].sort(key=lambda r: r["us"])
     best = (tuple(sweep["gate_up"][0]["blocks"]), tuple(sweep["down"][0]["blocks"]))
+    out["grouped_layout"] = layout
     out["grouped_sweep_256_seqs"] = {k: v[:8] for k, v in sweep.items()}
     out["grouped_best_blocks"] = {"gate_up": best[0], "down": best[1]}
+    # The default blocks at this shape, for the before/after.
+    inputs, fns = variants(layout, 256)
+    out["grouped_default_blocks_256_seqs"] = {
+        which: {"us": round(graph_time_us(fns[which]["triton"] * 8), 2)} for which in ("gate_up", "down")}
+    print("default blocks", out["grouped_default_blocks_256_seqs"], flush=True)
 
     # 2. The best blocks against grouped_mm, batch by batch, and the error against it.
     table = []
-    for name in shapes:
+    for name in table_layouts:
         for seqs in (16, 32, 64, 128, 256, 512, 1024, 2048, 8192):
             if name != "tp1_ep1" and seqs not in (128, 256, 512):
                 continue
@@ -232,11 +243,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--only", choices=["grouped", "rope", "down", "gemv"], action="append")
+    p.add_argument("--grouped_layout", default="tp1_ep1",
+                   help="the layout whose per-rank expert shapes the grouped sweep uses (tp4_ep1, tp2_ep2, ...)")
     args = p.parse_args()
     torch.cuda.set_device(0)
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d")}
-    for name, fn in (("grouped", grouped), ("rope", rope), ("down", down_with_sum), ("gemv", gemv_projections)):
+    for name, fn in (("grouped", lambda out: grouped(out, args.grouped_layout)), ("rope", rope),
+                     ("down", down_with_sum), ("gemv", gemv_projections)):
         if not args.only or name in args.only:
             t = time.perf_counter()
             fn(out)
