@@ -151,8 +151,9 @@ def test_fused_moe_matches_grouped_experts(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_and_gathering_weighted_sum(dtype):
-    x = torch.randn(5, 2 * 40, dtype=dtype, device=DEVICE)
-    assert rel_err(silu_and_mul(x), reference_silu_and_mul(x)) < TOL[dtype]
+    for rows, half in ((5, 40), (70, 40), (3, 1500)):  # part of a row block; two row blocks; two column blocks
+        x = torch.randn(rows, 2 * half, dtype=dtype, device=DEVICE)
+        assert rel_err(silu_and_mul(x), reference_silu_and_mul(x)) < TOL[dtype]
     tokens, top_k, hidden = 4, 3, 50
     y = torch.randn(tokens * top_k, hidden, dtype=dtype, device=DEVICE)
     w = torch.rand(tokens, top_k, dtype=dtype, device=DEVICE)
