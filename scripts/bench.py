@@ -10,7 +10,8 @@ One run measures, in this order:
   batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
   prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill, split over the EP replicas: tok/s;
   reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
-             the same machine with the same shapes: the floor we compare against;
+             the same machine with the same shapes, and its forward pass over the prefill phase's
+             prompts: the floor we compare against;
   profile    (--profile DIR) kernel tables of rank 0 for one prefill of the 8,192 tokens and one decode
              step of the batch (run without a graph, same kernels), written to DIR.
 Each result is printed beside its roofline fraction, and everything goes to one JSON file named after
@@ -46,12 +47,13 @@ def log(*args):
 
 def timed(fn, device, repeat=1):
     "Median seconds of `fn()` over `repeat` runs, synchronising the device around each."
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda device: None)
     times = []
     for _ in range(repeat):
-        torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -102,8 +104,9 @@ def run_generate(generator, prompts, new_tokens) -> dict:
             "first_output_ids": results[0].output_ids[:16]}
 
 
-def reference_transformers(config, device, prompt_len, new_tokens, batches) -> dict:
-    "transformers' Qwen3MoeForCausalLM.generate with random bf16 weights at the same shape, on one GPU."
+def reference_transformers(config, device, prompt_len, new_tokens, batches, prefill_seqs) -> dict:
+    """transformers' Qwen3MoeForCausalLM with random bf16 weights at the same shape, on one GPU: `generate`
+    at each batch size, and one forward pass over `prefill_seqs` prompts (the prefill phase's tokens)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM as HFModel
     hf_config = Qwen3MoeConfig(**config.to_hf_dict())
     with torch.device(device):
@@ -117,6 +120,14 @@ def reference_transformers(config, device, prompt_len, new_tokens, batches) -> d
         out[f"batch_{batch}"] = {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
                                  "output_tokens_per_second": batch * new_tokens / seconds}
         log(f"reference transformers batch {batch}: {batch * new_tokens / seconds:.1f} output tok/s")
+    ids = torch.tensor(random_prompts(prefill_seqs, prompt_len, config.vocab_size, seed=3), device=device)
+    with torch.no_grad():
+        model(ids[:1, :16], logits_to_keep=1)  # warm up
+        seconds = timed(lambda: model(ids, use_cache=False, logits_to_keep=1), device, repeat=3)
+    out["prefill"] = {"sequences": prefill_seqs, "prompt_tokens": prompt_len, "seconds": seconds,
+                      "tokens_per_second": prefill_seqs * prompt_len / seconds}
+    log(f"reference transformers prefill {prefill_seqs * prompt_len} tokens: "
+        f"{out['prefill']['tokens_per_second']:.0f} tok/s")
     del model
     return out
 
@@ -266,7 +277,7 @@ def main() -> int:
     torch.cuda.empty_cache()
     if args.reference and ctx.rank == 0:
         report["reference"] = reference_transformers(config, device, args.prompt_len, args.reference_tokens,
-                                                     batches=(1, 64))
+                                                     batches=(1, 64), prefill_seqs=args.prefill_seqs)
     if ctx.rank == 0:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
