@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minisgl.config import active_parameter_counts, parameter_counts, preset
+from minisgl.config import active_parameter_counts, preset
 from minisgl.distributed import init_distributed
 from minisgl.fast import FastForward
 from minisgl.generation import Generator
@@ -47,13 +47,12 @@ def log(*args):
 
 def timed(fn, device, repeat=1):
     "Median seconds of `fn()` over `repeat` runs, synchronising the device around each."
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda device: None)
     times = []
     for _ in range(repeat):
-        sync(device)
+        torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -81,6 +80,11 @@ def random_prompts(count, length, vocab, seed):
     return torch.randint(0, vocab, (count, length), generator=g).tolist()
 
 
+def prefill_prompts(args, vocab):
+    "The prefill phase's prompts: `prefill_seqs` random prompts of `prompt_len` tokens (ours and transformers')."
+    return random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+
+
 def replica_share(prompts, ctx):
     """The prompts this rank's attention replica prefills: prompt i goes to replica i % ep_size, as in
     `Generator`. (Before LOG step 19 every replica prefilled all of them, so EP layouts did ep_size times
@@ -104,9 +108,9 @@ def run_generate(generator, prompts, new_tokens) -> dict:
             "first_output_ids": results[0].output_ids[:16]}
 
 
-def reference_transformers(config, device, prompt_len, new_tokens, batches, prefill_seqs) -> dict:
+def reference_transformers(config, device, prompt_len, new_tokens, batches, prefill) -> dict:
     """transformers' Qwen3MoeForCausalLM with random bf16 weights at the same shape, on one GPU: `generate`
-    at each batch size, and one forward pass over `prefill_seqs` prompts (the prefill phase's tokens)."""
+    at each batch size, and one forward pass over the `prefill` prompts (the prefill phase's)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM as HFModel
     hf_config = Qwen3MoeConfig(**config.to_hf_dict())
     with torch.device(device):
@@ -120,13 +124,13 @@ def reference_transformers(config, device, prompt_len, new_tokens, batches, pref
         out[f"batch_{batch}"] = {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "seconds": seconds,
                                  "output_tokens_per_second": batch * new_tokens / seconds}
         log(f"reference transformers batch {batch}: {batch * new_tokens / seconds:.1f} output tok/s")
-    ids = torch.tensor(random_prompts(prefill_seqs, prompt_len, config.vocab_size, seed=3), device=device)
+    ids = torch.tensor(prefill, device=device)  # [prefill_seqs, prompt_len]
     with torch.no_grad():
         model(ids[:1, :16], logits_to_keep=1)  # warm up
         seconds = timed(lambda: model(ids, use_cache=False, logits_to_keep=1), device, repeat=3)
-    out["prefill"] = {"sequences": prefill_seqs, "prompt_tokens": prompt_len, "seconds": seconds,
-                      "tokens_per_second": prefill_seqs * prompt_len / seconds}
-    log(f"reference transformers prefill {prefill_seqs * prompt_len} tokens: "
+    out["prefill"] = {"sequences": ids.shape[0], "prompt_tokens": ids.shape[1], "seconds": seconds,
+                      "tokens_per_second": ids.numel() / seconds}
+    log(f"reference transformers prefill {ids.numel()} tokens: "
         f"{out['prefill']['tokens_per_second']:.0f} tok/s")
     del model
     return out
@@ -138,7 +142,7 @@ def profile_steps(fast, ctx, args, vocab, max_len, out_dir):
     kernels a graph would replay, with their times. Every rank runs the same steps (collectives)."""
     from torch.profiler import ProfilerActivity, profile
     device = ctx.device
-    prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+    prompts = prefill_prompts(args, vocab)
     mine = replica_share(prompts, ctx)
     per_replica = max(1, args.batch // ctx.ep_size)
     padded = fast.prepare(max(args.batch, 1), max_len, ep_max_seqs=per_replica)
@@ -250,7 +254,7 @@ def main() -> int:
             f"(prefill {r['time_to_first_token_seconds']:.2f} s, decode {r['decode_tokens_per_second']:.0f} tok/s)")
 
     if "prefill" not in skip:
-        prompts = random_prompts(args.prefill_seqs, args.prompt_len, vocab, seed=3)
+        prompts = prefill_prompts(args, vocab)
         mine = replica_share(prompts, ctx)
         fast.prepare(len(mine), max_len)
         fast.prefill(mine)
@@ -277,7 +281,7 @@ def main() -> int:
     torch.cuda.empty_cache()
     if args.reference and ctx.rank == 0:
         report["reference"] = reference_transformers(config, device, args.prompt_len, args.reference_tokens,
-                                                     batches=(1, 64), prefill_seqs=args.prefill_seqs)
+                                                     batches=(1, 64), prefill=prefill_prompts(args, vocab))
     if ctx.rank == 0:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ def main() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [int(t) * HIDDEN for t in args.tokens.split(",")]
     symmetric = SymmetricAllReduce(group, device, max(sizes), torch.bfloat16)
+    ways = {"one_shot": symmetric.one_shot, "two_shot": symmetric.two_shot}
 
     rows, ok = [], True
     for numel in sizes:
@@ -68,7 +69,7 @@ def main() -> int:
         nccl = x.clone()
         dist.all_reduce(nccl, group=group)
         row = {"numel": numel, "bytes": numel * 2}
-        for way, reduce in (("one_shot", symmetric.one_shot), ("two_shot", symmetric.two_shot)):
+        for way, reduce in ways.items():
             diff = (reduce(x.clone()).float() - nccl.float()).abs().max().item()
             # Two ranks add the same two numbers either way; more ranks may add in another order (bf16 rounding).
             ok &= diff == 0 if world == 2 else diff <= 2 ** -6 * nccl.float().abs().max().item()
@@ -76,7 +77,7 @@ def main() -> int:
         buf = x.clone()
         row.update(nccl_eager_us=per_call_us(lambda: dist.all_reduce(buf, group=group), 48, graph=False),
                    nccl_graph_us=per_call_us(lambda: dist.all_reduce(buf, group=group), 48, graph=True))
-        for way, reduce in (("one_shot", symmetric.one_shot), ("two_shot", symmetric.two_shot)):
+        for way, reduce in ways.items():
             row[f"{way}_eager_us"] = per_call_us(lambda: reduce(buf), 48, graph=False)
             row[f"{way}_graph_us"] = per_call_us(lambda: reduce(buf), 48, graph=True)
         rows.append(row)
