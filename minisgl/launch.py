@@ -24,9 +24,11 @@ from safetensors import SafetensorError
 
 from .config import ModelConfig, parameters_per_rank, preset
 from .distributed import ParallelContext, ParallelLayout, init_distributed
-from .generation import Generator, GenerationResult, GenerationStats, check_prompts
+from .generation import GenerationResult, GenerationStats, StaticEngine, check_prompts
 from .loader import DummySource, SafetensorsSource, check_checkpoint, resolve_model_path, weight_bytes
 from .model import Qwen3MoeForCausalLM, check_layout
+from .ops import Ops, reference_ops
+from .runner import DEFAULT_DECODE_SIZES, ModelRunner
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 from .weights import CheckpointError, WeightSource
@@ -214,8 +216,8 @@ def _check_memory(plan: LaunchPlan, ctx: ParallelContext) -> None:
                          f"free of {total / 2**30:.1f} GiB; use more ranks or free the GPU")
 
 
-def load_model(plan: LaunchPlan, ctx: ParallelContext,
-               source: WeightSource | None = None) -> tuple[Qwen3MoeForCausalLM, float]:
+def load_model(plan: LaunchPlan, ctx: ParallelContext, source: WeightSource | None = None,
+               ops: Ops | None = None) -> tuple[Qwen3MoeForCausalLM, float]:
     """Build this rank's part of the model and copy in its slice of every tensor; return it and the seconds taken.
 
     Then all ranks agree: if any rank failed, every rank raises LoadError (the failed ones with their own error)."""
@@ -226,7 +228,8 @@ def load_model(plan: LaunchPlan, ctx: ParallelContext,
             source = (DummySource(plan.config, seed=plan.args.seed, device=ctx.device) if plan.dummy
                       else SafetensorsSource(plan.model_dir))
         _check_memory(plan, ctx)
-        model = Qwen3MoeForCausalLM(plan.config, ctx, dtype=plan.dtype, max_positions=plan.max_seq_len)
+        model = Qwen3MoeForCausalLM(plan.config, ctx, dtype=plan.dtype, max_positions=plan.max_seq_len,
+                                    ops=ops)
         model.load(source)
     except LOAD_ERRORS as exc:
         model, error = None, exc.with_traceback(None)  # drop the frames, and the half-built model with them
@@ -274,7 +277,7 @@ def make_report(plan: LaunchPlan, ctx: ParallelContext, model: Qwen3MoeForCausal
                    "gpu": torch.cuda.get_device_name(ctx.device) if on_cuda else None,
                    "model": str(args.model_path or f"preset:{args.preset or 'tiny'}"), "dummy_weights": plan.dummy,
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                   "fast_paths": ctx.device.type == "cuda" and not args.no_fast},
+                   "ops": model.ops.name},
         "timing": {"load_seconds": load_seconds, "warmup_runs": plan.warmup, "prompts": len(results),
                    "prompt_tokens": stats.prompt_tokens,
                    "time_to_first_token_seconds": stats.prefill_seconds,
@@ -288,23 +291,44 @@ def make_report(plan: LaunchPlan, ctx: ParallelContext, model: Qwen3MoeForCausal
     }
 
 
+def choose_ops(plan: LaunchPlan, ctx: ParallelContext) -> Ops:
+    """Chapter 09's kernels on a GPU (they need Triton, imported only here), unless --no_fast;
+    plain PyTorch elsewhere. Collective: every rank calls it."""
+    if ctx.device.type == "cuda" and not plan.args.no_fast:
+        from minisgl.fast_ops import fast_ops
+        return fast_ops(ctx, plan.config.hidden_size, plan.dtype)
+    return reference_ops()
+
+
+def make_runner(model: Qwen3MoeForCausalLM, max_seqs: int, max_seq_len: int, page_size: int = 16,
+                graphs: bool = False) -> ModelRunner:
+    """A runner whose cache holds `max_seqs` sequences of `max_seq_len` positions, with decode
+    steps padded to sizes up to `max_seqs`' and, with `graphs`, captured as CUDA graphs now."""
+    largest = next((s for s in DEFAULT_DECODE_SIZES if s >= max_seqs), max_seqs)
+    sizes = tuple(s for s in DEFAULT_DECODE_SIZES if s < largest) + (largest,)
+    num_pages = 1 + max_seqs * -(-max_seq_len // page_size)
+    if graphs:
+        from minisgl.graph_runner import GraphRunner
+        runner = GraphRunner(model, num_pages, page_size, max_seqs, max_seq_len, sizes)
+        runner.capture()
+        return runner
+    return ModelRunner(model, num_pages, page_size, max_seqs, max_seq_len, sizes)
+
+
 def execute(plan: LaunchPlan) -> dict:
     "Join the job, load this rank's slice, warm up, generate; every rank returns the same report."
     args = plan.args
     ctx = init_distributed(args.tp_size, args.ep_size, plan.device, args.timeout)
-    model, load_seconds = load_model(plan, ctx)
-    # On GPUs the same forward runs through chapter 09's fused kernels and CUDA graphs (which need Triton,
-    # so it is imported only there).
-    fast = None
-    if ctx.device.type == "cuda" and not args.no_fast:
-        from minisgl.fast import FastForward
-        fast = FastForward(model)
-    generator = Generator(model, plan.max_seq_len, fast=fast)
-    generator.record_margins = args.record_margins
+    model, load_seconds = load_model(plan, ctx, ops=choose_ops(plan, ctx))
+    max_seqs = -(-len(plan.prompts) // ctx.ep_size)  # the busiest replica's prompts
+    longest = max(map(len, plan.prompts)) + plan.params.max_new_tokens
+    runner = make_runner(model, max_seqs, longest, graphs=ctx.device.type == "cuda" and model.ops.name == "fast")
+    engine = StaticEngine(runner)
+    engine.record_margins = args.record_margins
     for _ in range(plan.warmup):  # the same shapes as the timed run: every first-time cost is paid here
-        generator.generate(plan.prompts, plan.params)
-    results = generator.generate(plan.prompts, plan.params)
-    return make_report(plan, ctx, model, results, generator.stats, load_seconds)
+        engine.generate(plan.prompts, plan.params)
+    results = engine.generate(plan.prompts, plan.params)
+    return make_report(plan, ctx, model, results, engine.stats, load_seconds)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -6,7 +6,7 @@
 One run measures, in this order:
   ceilings   the GPU's copy bandwidth and bf16 matmul rate (each rank its own; rank 0's are reported);
   single     one sequence: time to first token of a 512-token prompt, then decode tok/s over 256 tokens;
-  eager      the same single sequence with the fast paths off (the plain PyTorch model), fewer tokens;
+  eager      the same single sequence with the reference operations (plain PyTorch, no graphs), fewer tokens;
   batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
   prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill, split over the EP replicas: tok/s;
   reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
@@ -33,10 +33,12 @@ import torch.distributed as dist
 
 from minisgl.config import active_parameter_counts, preset
 from minisgl.distributed import init_distributed
-from minisgl.fast import FastForward
-from minisgl.generation import Generator
+from minisgl.fast_ops import TWO_SHOT_MAX_TOKENS, fast_ops
+from minisgl.generation import StaticEngine
+from minisgl.launch import make_runner
 from minisgl.loader import DummySource, weight_bytes
 from minisgl.model import Qwen3MoeForCausalLM
+from minisgl.ops import reference_ops
 from minisgl.sampling import SamplingParams
 
 
@@ -86,18 +88,16 @@ def prefill_prompts(args, vocab):
 
 
 def replica_share(prompts, ctx):
-    """The prompts this rank's attention replica prefills: prompt i goes to replica i % ep_size, as in
-    `Generator`. (Before LOG step 19 every replica prefilled all of them, so EP layouts did ep_size times
-    the work the reported tok/s counted.)"""
+    "The prompts this rank's attention replica prefills: prompt i goes to replica i % ep_size, as in `StaticEngine`."
     if len(prompts) % ctx.ep_size:
         raise SystemExit(f"--prefill_seqs {len(prompts)} is not divisible by ep_size {ctx.ep_size}")
     return prompts[ctx.ep_rank::ctx.ep_size]
 
 
-def run_generate(generator, prompts, new_tokens) -> dict:
+def run_generate(engine, prompts, new_tokens) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    results = generator.generate(prompts, params)
-    s = generator.stats
+    results = engine.generate(prompts, params)
+    s = engine.stats
     return {"sequences": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens,
             "time_to_first_token_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
             "decode_steps": s.decode_steps,
@@ -136,21 +136,25 @@ def reference_transformers(config, device, prompt_len, new_tokens, batches, pref
     return out
 
 
-def profile_steps(fast, ctx, args, vocab, max_len, out_dir):
+def prefill_step(runner, prompts):
+    "One prefill of `prompts` (a replica's share) in rows 0..n-1 of the runner's cache."
+    return runner.extend([t for p in prompts for t in p], [len(p) for p in prompts], [0] * len(prompts),
+                         list(range(len(prompts))))
+
+
+def profile_steps(runner, ctx, args, vocab, out_dir):
     """Rank 0's CUDA kernel table for one prefill of `prefill_seqs` prompts and one decode step of `batch`
-    sequences (split over the EP replicas), each run eagerly with the decode step's fixed shapes: the
+    sequences (split over the EP replicas), each run eagerly with the decode step's padded shapes: the
     kernels a graph would replay, with their times. Every rank runs the same steps (collectives)."""
     from torch.profiler import ProfilerActivity, profile
     device = ctx.device
-    prompts = prefill_prompts(args, vocab)
-    mine = replica_share(prompts, ctx)
+    mine = replica_share(prefill_prompts(args, vocab), ctx)
     per_replica = max(1, args.batch // ctx.ep_size)
-    padded = fast.prepare(max(args.batch, 1), max_len, ep_max_seqs=per_replica)
-    tokens = torch.randint(0, vocab, (padded,), device=device)
-    positions = torch.full((padded,), args.prompt_len, device=device)
+    rows, positions = list(range(per_replica)), [args.prompt_len] * per_replica
+    size = runner.padded_size(per_replica)
     layout = f"tp{ctx.tp_size}_ep{ctx.ep_size}"
-    for name, step in ((f"prefill{len(prompts) * args.prompt_len}", lambda: fast.prefill(mine)),
-                       (f"decode_b{args.batch}", lambda: fast._decode_eager(tokens, positions, fixed_shapes=True))):
+    for name, step in ((f"prefill{args.prefill_seqs * args.prompt_len}", lambda: prefill_step(runner, mine)),
+                       (f"decode_b{args.batch}", lambda: runner.forward(runner.decode_batch(rows, positions, size)))):
         step()  # warm-up
         torch.cuda.synchronize(device)
         if ctx.world_size > 1:
@@ -177,7 +181,7 @@ def main() -> int:
     p.add_argument("--reference", action="store_true", help="also time transformers' generate (rank 0, one GPU)")
     p.add_argument("--reference_tokens", type=int, default=32)
     p.add_argument("--no_graphs", action="store_true")
-    p.add_argument("--two_shot_max_tokens", type=int, default=None,
+    p.add_argument("--two_shot_max_tokens", type=int, default=TWO_SHOT_MAX_TOKENS,
                    help="TP all-reduces up to this many tokens two-shot over symmetric memory (default: the engine's)")
     p.add_argument("--profile", help="write rank 0's kernel tables for one prefill and one decode step here")
     p.add_argument("--out", default="results/bench")
@@ -207,7 +211,8 @@ def main() -> int:
 
     max_len = args.prompt_len + args.decode_tokens + 8
     start = time.perf_counter()
-    model = Qwen3MoeForCausalLM(config, ctx, dtype=torch.bfloat16, max_positions=max_len)
+    ops = fast_ops(ctx, config.hidden_size, torch.bfloat16, two_shot_max_tokens=args.two_shot_max_tokens)
+    model = Qwen3MoeForCausalLM(config, ctx, dtype=torch.bfloat16, max_positions=max_len, ops=ops)
     model.load(DummySource(config, seed=0, device=device))
     torch.cuda.synchronize(device)
     report["load_seconds"] = time.perf_counter() - start
@@ -215,40 +220,45 @@ def main() -> int:
     log(f"model built in {report['load_seconds']:.1f} s, {report['weight_bytes_per_rank'] / 2**30:.2f} GiB "
         f"of weights per rank")
 
-    options = {} if args.two_shot_max_tokens is None else {"two_shot_max_tokens": args.two_shot_max_tokens}
-    fast = FastForward(model, use_graphs=not args.no_graphs, **options)
-    report["two_shot_max_tokens"] = fast.two_shot_max_tokens
-    # The KV cache at its largest shape, once: a later, larger request would re-allocate it and re-capture
-    # every graph inside the timed run (as the first runs of this script did: LOG.md, step 13).
-    fast.prepare(max(args.batch, 1), max_len)
-    generator = Generator(model, max_len, fast=fast)
+    report["two_shot_max_tokens"] = args.two_shot_max_tokens
+    # The KV cache at its largest shape and every decode graph, captured once, before any timing.
+    start = time.perf_counter()
+    runner = make_runner(model, max(args.batch, args.prefill_seqs // ctx.ep_size, 1), max_len,
+                         graphs=not args.no_graphs)
+    report["capture_seconds"] = time.perf_counter() - start
+    log(f"KV cache and {len(getattr(runner, 'graphs', {}))} decode graphs ready in "
+        f"{report['capture_seconds']:.1f} s")
+    engine = StaticEngine(runner)
     vocab = config.vocab_size
     phases = report["phases"]
 
     if "single" not in skip:
         prompt = random_prompts(1, args.prompt_len, vocab, seed=1)
-        run_generate(generator, prompt, 8)  # warm-up: Triton compiles, graphs are captured
-        r = run_generate(generator, prompt, args.decode_tokens)
+        run_generate(engine, prompt, 8)  # warm-up: Triton compiles, graphs are captured
+        r = run_generate(engine, prompt, args.decode_tokens)
         r["roofline_fraction"] = r["decode_tokens_per_second"] / (bandwidth / active_bytes)
         phases["single"] = r
         log(f"single: TTFT {r['time_to_first_token_seconds'] * 1e3:.1f} ms, decode "
             f"{r['decode_tokens_per_second']:.1f} tok/s = {100 * r['roofline_fraction']:.0f}% of the 1-GPU roofline")
 
     if "eager" not in skip:
-        eager = Generator(model, max_len)
+        # The same model and cache with the reference operations, stepped eagerly (no graphs).
+        model.set_ops(reference_ops())
+        eager = StaticEngine(make_runner(model, 1, max_len))
         prompt = random_prompts(1, args.prompt_len, vocab, seed=1)
         run_generate(eager, prompt, 4)
         r = run_generate(eager, prompt, 32)
         r["roofline_fraction"] = r["decode_tokens_per_second"] / (bandwidth / active_bytes)
         phases["eager"] = r
-        log(f"eager (fast paths off): TTFT {r['time_to_first_token_seconds'] * 1e3:.1f} ms, decode "
+        log(f"eager (reference operations): TTFT {r['time_to_first_token_seconds'] * 1e3:.1f} ms, decode "
             f"{r['decode_tokens_per_second']:.1f} tok/s")
         del eager
+        model.set_ops(ops)
 
     if "batch" not in skip:
         prompts = random_prompts(args.batch, args.prompt_len, vocab, seed=2)
-        run_generate(generator, prompts[:args.batch], 4)  # warm-up at this size
-        r = run_generate(generator, prompts, args.decode_tokens)
+        run_generate(engine, prompts[:args.batch], 4)  # warm-up at this size
+        r = run_generate(engine, prompts, args.decode_tokens)
         phases["batch"] = r
         log(f"batch {args.batch}: {r['output_tokens_per_second']:.0f} output tok/s "
             f"(prefill {r['time_to_first_token_seconds']:.2f} s, decode {r['decode_tokens_per_second']:.0f} tok/s)")
@@ -256,9 +266,9 @@ def main() -> int:
     if "prefill" not in skip:
         prompts = prefill_prompts(args, vocab)
         mine = replica_share(prompts, ctx)
-        fast.prepare(len(mine), max_len)
-        fast.prefill(mine)
-        seconds = timed(lambda: fast.prefill(mine), device, repeat=3)
+        engine.reserve_rows(len(mine), max_len)
+        prefill_step(runner, mine)
+        seconds = timed(lambda: prefill_step(runner, mine), device, repeat=3)
         tokens = len(prompts) * args.prompt_len
         r = {"sequences": len(prompts), "prompt_tokens": args.prompt_len, "seconds": seconds,
              "tokens_per_second": tokens / seconds,
@@ -268,7 +278,8 @@ def main() -> int:
             f"the bf16 matmul ceiling of {ctx.world_size} GPU(s)")
 
     if args.profile:
-        profile_steps(fast, ctx, args, vocab, max_len, Path(args.profile))
+        engine.reserve_rows(max(1, args.batch // ctx.ep_size), max_len)
+        profile_steps(runner, ctx, args, vocab, Path(args.profile))
 
     report["peak_memory_bytes_per_rank"] = torch.cuda.max_memory_allocated(device)
     if ctx.world_size > 1:
@@ -276,7 +287,7 @@ def main() -> int:
         dist.all_gather_object(peaks, report["peak_memory_bytes_per_rank"])
         report["peak_memory_bytes_per_rank"] = peaks
 
-    del generator, fast, model
+    del engine, runner, model
     gc.collect()
     torch.cuda.empty_cache()
     if args.reference and ctx.rank == 0:

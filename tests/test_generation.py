@@ -6,11 +6,11 @@ import torch
 
 from minisgl.config import ModelConfig, preset
 from minisgl.distributed import ParallelContext, ParallelLayout, run_on_ranks
-from minisgl.generation import Generator, check_prompts
-from minisgl.loader import SafetensorsSource
+from minisgl.generation import check_prompts
 from minisgl.model import Qwen3MoeForCausalLM, check_layout
-from minisgl.sampling import SamplingParams, sample
+from minisgl.sampling import SamplingParams, SamplingTensors, sample
 from minisgl.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from engines import build_engine
 
 # Lengths 7, 3, 11, 1, 5: uneven, and with ep_size 4 replica 0 gets two prompts.
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [100, 20, 30, 40, 50, 60, 70, 80, 90, 10, 11], [5], [42, 17, 250, 3, 99]]
@@ -30,21 +30,13 @@ def reference(reference_model):
 
 
 @pytest.fixture(scope="module")
-def single_model(tiny_checkpoint):
-    return load_model(tiny_checkpoint, 1, 1)
-
-
-def load_model(checkpoint, tp_size, ep_size):
-    import torch.distributed as dist
-    ctx = ParallelContext.from_process_group(tp_size, ep_size) if dist.is_initialized() else ParallelContext.single()
-    model = Qwen3MoeForCausalLM(ModelConfig.from_pretrained(checkpoint), ctx, dtype=torch.float32)
-    model.load(SafetensorsSource(checkpoint))
-    return model
+def single_engine(tiny_checkpoint):
+    return build_engine(tiny_checkpoint)
 
 
 def run_layout(tp_size, ep_size, checkpoint, prompts, new_tokens, stop_tokens):
     "What one rank of a layout returns: greedy runs (all prompts, one prompt, with stop tokens), scores, samples."
-    generator = Generator(load_model(checkpoint, tp_size, ep_size))
+    generator = build_engine(checkpoint, tp_size, ep_size)
     greedy = [r.output_ids for r in generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens))]
     steps = generator.stats.decode_steps
     one_prompt = [r.output_ids for r in generator.generate(prompts[:1], SamplingParams(max_new_tokens=new_tokens))]
@@ -85,8 +77,8 @@ def test_layout_matches_transformers(tp_size, ep_size, tiny_checkpoint, referenc
         assert {k: v for k, v in got.items() if k != "scores"} == {k: v for k, v in per_rank[0].items() if k != "scores"}
 
 
-def test_sampling_is_reproducible_and_seeded(single_model):
-    generator = Generator(single_model)
+def test_sampling_is_reproducible_and_seeded(single_engine):
+    generator = single_engine
 
     def run(seed, **kwargs):
         params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed, **kwargs)
@@ -94,24 +86,27 @@ def test_sampling_is_reproducible_and_seeded(single_model):
     assert run(1) == run(1)
     assert run(1) != run(2)
     assert run(1, top_k=5, top_p=0.8) == run(1, top_k=5, top_p=0.8)
+    # Seeded per request: a prompt gets the same tokens alone as in a batch.
+    alone = generator.generate(PROMPTS[2:3], SamplingParams(max_new_tokens=6, temperature=1.0, seed=1))
+    assert alone[0].output_ids == run(1)[2]
 
 
-def test_top_k_1_equals_greedy(single_model, reference):
-    outputs = Generator(single_model).generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.7,
+def test_top_k_1_equals_greedy(single_engine, reference):
+    outputs = single_engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.7,
                                                                        top_k=1, seed=3))
     assert [r.output_ids for r in outputs] == reference[0]
 
 
-def test_stop_token_ends_a_sequence(single_model, reference):
+def test_stop_token_ends_a_sequence(single_engine, reference):
     stop = reference[0][1][3]
-    results = Generator(single_model).generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=(stop,)))
+    results = single_engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=(stop,)))
     for result, ref in zip(results, reference[0]):
         assert (result.output_ids, result.finish_reason) == cut_at_stop(ref, (stop,))
     assert results[1].finish_reason == "stop" and len(results[1].output_ids) <= 4
 
 
-def test_bad_prompts_raise_value_error_naming_the_numbers(single_model):
-    generator = Generator(single_model, max_seq_len=16)
+def test_bad_prompts_raise_value_error_naming_the_numbers(tiny_checkpoint):
+    generator = build_engine(tiny_checkpoint, max_seq_len=16)
     with pytest.raises(ValueError, match=r"prompt 1 has 12 tokens; with max_new_tokens=8 it needs 20 positions, "
                                          r"but the context is 16"):
         generator.generate([[1, 2], list(range(12))], SamplingParams(max_new_tokens=8))
@@ -124,24 +119,32 @@ def test_bad_prompts_raise_value_error_naming_the_numbers(single_model):
     with pytest.raises(ValueError, match="no prompts"):
         generator.generate([], SamplingParams())
     with pytest.raises(ValueError, match="1000 positions exceeds the model's 512"):
-        single_model.make_kv_cache(1, 1000)
+        generator.runner.model.make_kv_cache(8, 16, 1, 1000)
 
 
 def test_sampling_params_and_sample():
-    for bad in [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)]:
+    for bad in [dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=float("nan")),
+                dict(temperature=1e-45), dict(temperature=float("inf")), dict(top_k=-1), dict(top_p=0.0),
+                dict(top_p=1.5), dict(seed=-1)]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
-    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).expand(4000, -1)
-    generator = torch.Generator().manual_seed(0)
-    assert (sample(logits, SamplingParams()) == 0).all()
-    top3 = sample(logits, SamplingParams(temperature=1.0, top_k=3), generator)
-    assert set(top3.tolist()) == {0, 1, 2}
+    rows = 4000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).expand(rows, -1)
+    positions = torch.arange(rows)  # different noise for every row
+
+    def draw(**kwargs):
+        return sample(logits, SamplingTensors.from_params([SamplingParams(**kwargs)] * rows), positions)
+    assert (draw() == 0).all()
+    assert set(draw(temperature=1.0, top_k=3).tolist()) == {0, 1, 2}
     # probabilities at T=1: 0.42, 0.25, 0.16, ... -> top_p 0.6 keeps tokens 0 and 1 (0.42 < 0.6 <= 0.67)
-    top_p = sample(logits, SamplingParams(temperature=1.0, top_p=0.6), generator)
-    assert set(top_p.tolist()) == {0, 1}
-    plain = sample(logits, SamplingParams(temperature=1.0), generator)
-    frequency = torch.bincount(plain, minlength=6).float() / len(plain)
+    assert set(draw(temperature=1.0, top_p=0.6).tolist()) == {0, 1}
+    plain = draw(temperature=1.0)
+    frequency = torch.bincount(plain, minlength=6).float() / rows
     assert (frequency - logits[0].softmax(-1)).abs().max() < 0.03
+    # One call, different parameters per row: greedy rows stay greedy, the others sample.
+    mixed = [SamplingParams(), SamplingParams(temperature=1.0, seed=1)] * (rows // 2)
+    ids = sample(logits, SamplingTensors.from_params(mixed), positions)
+    assert (ids[0::2] == 0).all() and len(set(ids[1::2].tolist())) > 1
 
 
 def test_check_layout_names_the_numbers(tiny_config):

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+# On a GPU machine these run on the GPU, and `pytest -m gpu` selects them; elsewhere in the interpreter.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
 
 from minisgl.kernels.attention import decode_attention  # noqa: E402
-from minisgl.kernels.gemv import gemv, linear  # noqa: E402
-from minisgl.kernels.moe import (moe_down, moe_gate_up, moe_grouped_gemm, router_topk, silu_and_mul,  # noqa: E402
-                                 sort_by_expert, topk_softmax, weighted_sum)
+from minisgl.kernels.gemv import gemv  # noqa: E402
+from minisgl.kernels.moe import (counting_sort_by_expert, fused_silu_and_mul, moe_down, moe_gate_up,  # noqa: E402
+                                 moe_grouped_gemm, router_topk, topk_softmax, weighted_sum)
 from minisgl.kernels.norm import add_rms_norm  # noqa: E402
-from minisgl.kernels.rope import qk_norm_rope_cache  # noqa: E402
+from minisgl.kernels.rope import qk_norm_rope_store  # noqa: E402
 from minisgl.layers.mlp import silu_and_mul as reference_silu_and_mul
 from minisgl.layers.norm import RMSNorm
 from minisgl.layers.rotary import RotaryEmbedding
@@ -35,51 +37,61 @@ def test_add_rms_norm(dtype):
     x, res = torch.randn(5, 96, dtype=dtype, device=DEVICE), torch.randn(5, 96, dtype=dtype, device=DEVICE)
     norm = RMSNorm(96, 1e-6, dtype, DEVICE)
     norm.weight.copy_(1 + 0.1 * torch.randn(96))
-    out, summed = add_rms_norm(x, norm.weight, 1e-6, residual=res)
+    out, summed = add_rms_norm(x, res, norm.weight, 1e-6)
     assert torch.equal(summed, x + res)
     assert rel_err(out, norm(x + res)) < TOL[dtype]
-    assert rel_err(add_rms_norm(x, norm.weight, 1e-6), norm(x)) < TOL[dtype]
+    out, summed = add_rms_norm(x, None, norm.weight, 1e-6)
+    assert rel_err(out, norm(x)) < TOL[dtype] and summed is x
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocks", [(1, 1), (2, 2), (8, 4)])  # heads per program, warps; 8: q and k heads in one
-def test_qk_norm_rope_cache(dtype, blocks):
+def test_qk_norm_rope_store(dtype, blocks):
     tokens, heads, kv_heads, d = 3, 4, 2, 32
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
     q_norm, k_norm = RMSNorm(d, 1e-6, dtype, DEVICE), RMSNorm(d, 1e-6, dtype, DEVICE)
     q_norm.weight.copy_(1 + 0.1 * torch.randn(d)), k_norm.weight.copy_(1 + 0.1 * torch.randn(d))
     rotary = RotaryEmbedding(d, 10000.0, 64, DEVICE)
     positions = torch.tensor([5, 0, 17], device=DEVICE)
-    rows = torch.tensor([2, 0, 1], device=DEVICE)
-    k_cache = torch.full((3, kv_heads, 64, d), float("nan"), dtype=dtype, device=DEVICE)
+    slots = torch.tensor([37, 2, 19], device=DEVICE)  # anywhere in a paged cache of 48 slots
+    k_cache = torch.full((kv_heads, 48, d), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = k_cache.clone()
-    q = qk_norm_rope_cache(qkv, heads, kv_heads, d, q_norm.weight, k_norm.weight, 1e-6, rotary.cos, rotary.sin,
-                           positions, rows, k_cache, v_cache, blocks=blocks)
+    q = qk_norm_rope_store(qkv, heads, kv_heads, d, q_norm.weight, k_norm.weight, 1e-6, rotary.cos, rotary.sin,
+                           positions, slots, k_cache, v_cache, blocks=blocks)
     q_ref, k_ref, v_ref = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q_ref, k_ref = rotary(positions, q_norm(q_ref.view(tokens, heads, d)), k_norm(k_ref.view(tokens, kv_heads, d)))
     assert rel_err(q, q_ref) < TOL[dtype]
-    assert rel_err(k_cache[rows, :, positions], k_ref) < TOL[dtype]
-    assert torch.equal(v_cache[rows, :, positions], v_ref.view(tokens, kv_heads, d))
-    written = torch.zeros_like(k_cache, dtype=torch.bool)
-    written[rows, :, positions] = True
-    assert k_cache[~written].isnan().all(), "the kernel wrote outside its (row, position) slots"
+    assert rel_err(k_cache[:, slots].transpose(0, 1), k_ref) < TOL[dtype]
+    assert torch.equal(v_cache[:, slots].transpose(0, 1), v_ref.view(tokens, kv_heads, d))
+    written = torch.zeros(48, dtype=torch.bool, device=DEVICE)
+    written[slots] = True
+    assert k_cache[:, ~written].isnan().all(), "the kernel wrote outside its tokens' slots"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (2, 1)])
-@pytest.mark.parametrize("num_splits", [4, 1, None])
-def test_decode_attention(dtype, heads, kv_heads, num_splits):
-    seqs, d, max_len = 3, 64, 300
-    k_cache = torch.randn(4, kv_heads, max_len, d, dtype=dtype, device=DEVICE)
+@pytest.mark.parametrize("num_splits,page_size", [(4, 16), (1, 1), (None, 16)])
+def test_decode_attention(dtype, heads, kv_heads, num_splits, page_size):
+    "Keys through a page table whose pages are scattered, sequences of 1, 257 and 70 tokens."
+    seqs, d, max_len = 3, 64, 320
+    pages_per_row = max_len // page_size
+    num_pages = 1 + seqs * pages_per_row
+    k_cache = torch.randn(kv_heads, num_pages * page_size, d, dtype=dtype, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
+    page_table = torch.zeros(4, pages_per_row, dtype=torch.int32, device=DEVICE)
+    page_table[[3, 0, 1]] = (1 + torch.randperm(num_pages - 1, device=DEVICE)).int().view(seqs, pages_per_row)
     q = torch.randn(seqs, heads, d, dtype=dtype, device=DEVICE)
     rows = torch.tensor([3, 0, 1], device=DEVICE)
     lens = torch.tensor([1, 257, 70], device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, rows, lens, scale=d ** -0.5, num_splits=num_splits, block_n=32)
+    out = decode_attention(q, k_cache, v_cache, page_table, page_size, rows, lens, scale=d ** -0.5,
+                           num_splits=num_splits, block_n=32)
     for i in range(seqs):
         n, r = lens[i].item(), rows[i].item()
-        ref = F.scaled_dot_product_attention(q[i:i + 1, :, None].float(), k_cache[r:r + 1, :, :n].float(),
-                                             v_cache[r:r + 1, :, :n].float(), scale=d ** -0.5, enable_gqa=True)
+        positions = torch.arange(n, device=DEVICE)
+        slots = page_table[r, positions // page_size].long() * page_size + positions % page_size
+        keys, values = k_cache[:, slots][None], v_cache[:, slots][None]
+        ref = F.scaled_dot_product_attention(q[i:i + 1, :, None].float(), keys.float(), values.float(),
+                                             scale=d ** -0.5, enable_gqa=True)
         assert rel_err(out[i], ref[0, :, 0]) < TOL[dtype], (i, n)
 
 
@@ -115,12 +127,12 @@ def test_router_topk(dtype, normalize, tokens):
 
 
 @pytest.mark.parametrize("pairs,rows_per_x,block_rows", [(200, 2, 16), (7, 1, 64), (0, 8, 64), (2048, 8, 64)])
-def test_sort_by_expert_is_a_stable_sort(pairs, rows_per_x, block_rows):
+def test_counting_sort_by_expert_is_a_stable_sort(pairs, rows_per_x, block_rows):
     experts = 12
     ids = torch.randint(0, experts, (pairs,), device=DEVICE)
     ids[: pairs // 4] = 3  # a crowded expert spans several row blocks
     x = torch.randn(pairs // rows_per_x, 72, device=DEVICE)
-    rows, counts, row_of_pair = sort_by_expert(x, ids, experts, rows_per_x, block_rows=block_rows)
+    rows, counts, row_of_pair = counting_sort_by_expert(x, ids, experts, rows_per_x, block_rows=block_rows)
     order = torch.argsort(ids, stable=True)
     assert torch.equal(rows, x[order // rows_per_x])
     assert torch.equal(counts, torch.bincount(ids, minlength=experts))
@@ -136,7 +148,7 @@ def test_fused_moe_matches_grouped_experts(dtype):
     weights, ids = select_experts(torch.randn(tokens, experts, device=DEVICE), top_k, True)
     ids[1, 1] = -1  # a padding slot contributes nothing
     h = moe_gate_up(x, w13, ids.flatten(), rows_per_x=top_k, blocks=(16, 32, 4))
-    out = moe_down(h, w2, ids.flatten(), weights.flatten(), top_k, blocks=(16, 32, 4))
+    out = weighted_sum(moe_down(h, w2, ids.flatten(), blocks=(16, 32, 4)), weights, None)
     ref = torch.zeros(tokens, hidden, dtype=torch.float32, device=DEVICE)
     for t in range(tokens):
         for s in range(top_k):
@@ -150,17 +162,17 @@ def test_fused_moe_matches_grouped_experts(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_and_gathering_weighted_sum(dtype):
+def test_fused_silu_and_mul_and_gathering_weighted_sum(dtype):
     for rows, half in ((5, 40), (70, 40), (3, 1500)):  # part of a row block; two row blocks; two column blocks
         x = torch.randn(rows, 2 * half, dtype=dtype, device=DEVICE)
-        assert rel_err(silu_and_mul(x), reference_silu_and_mul(x)) < TOL[dtype]
+        assert rel_err(fused_silu_and_mul(x), reference_silu_and_mul(x)) < TOL[dtype]
     tokens, top_k, hidden = 4, 3, 50
     y = torch.randn(tokens * top_k, hidden, dtype=dtype, device=DEVICE)
     w = torch.rand(tokens, top_k, dtype=dtype, device=DEVICE)
     rows = torch.randperm(tokens * top_k, device=DEVICE)  # pair p lives in row rows[p]
     ref = (y[rows].view(tokens, top_k, hidden).float() * w.float()[..., None]).sum(1)
-    assert rel_err(weighted_sum(y, w, top_k, rows=rows), ref) < TOL[dtype]
-    assert rel_err(weighted_sum(y[rows], w, top_k), ref) < TOL[dtype]
+    assert rel_err(weighted_sum(y, w, rows), ref) < TOL[dtype]
+    assert rel_err(weighted_sum(y[rows], w, None), ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -175,7 +187,7 @@ def test_moe_grouped_gemm(dtype, block_m):
     w13 = 0.1 * torch.randn(experts, 2 * inter, hidden, dtype=dtype, device=DEVICE)
     w2 = 0.1 * torch.randn(experts, hidden, inter, dtype=dtype, device=DEVICE)
     h = moe_grouped_gemm(x, w13, counts, swiglu=True, blocks=(block_m, 16, 32, 4, 2))
-    h_ref = silu_and_mul(grouped_gemm(x[:real].float(), w13.float(), counts)).to(dtype)
+    h_ref = fused_silu_and_mul(grouped_gemm(x[:real].float(), w13.float(), counts)).to(dtype)
     assert h.shape == (real + 9, inter)
     assert rel_err(h[:real], h_ref) < TOL[dtype]
     y = moe_grouped_gemm(h_ref, w2, counts, blocks=(block_m, 32, 16, 4, 2))
@@ -187,5 +199,17 @@ def test_gemv(dtype):
     x, weight = torch.randn(1, 200, dtype=dtype, device=DEVICE), torch.randn(70, 200, dtype=dtype, device=DEVICE)
     ref = F.linear(x.float(), weight.float())
     assert rel_err(gemv(x, weight, (4, 64, 4)), ref) < TOL[dtype]  # a half-empty last block of rows and of k
-    rows = torch.randn(3, 200, dtype=dtype, device=DEVICE)  # more than one token: cuBLAS
-    assert rel_err(linear(rows, weight, (4, 64, 4)), F.linear(rows.float(), weight.float())) < TOL[dtype]
+
+
+def test_decode_inputs():
+    from minisgl.kernels.decode_inputs import decode_inputs
+    from minisgl.kv_cache import page_slots
+    page_size = 4
+    page_table = torch.randint(1, 50, (6, 8), dtype=torch.int32, device=DEVICE)
+    last_tokens = torch.randint(0, 1000, (6,), device=DEVICE)
+    rows = torch.tensor([5, 0, 3, 5], device=DEVICE)
+    positions = torch.tensor([0, 31, 9, 4], device=DEVICE)
+    ids, slots, lens = decode_inputs(rows, positions, last_tokens, page_table, page_size)
+    assert torch.equal(ids, last_tokens[rows])
+    assert torch.equal(slots, page_slots(page_table, page_size, rows, positions))
+    assert torch.equal(lens, positions + 1)

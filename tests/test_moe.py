@@ -8,8 +8,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from minisgl.config import ModelConfig, TINY_CONFIG
 from minisgl.distributed import ParallelContext, ParallelLayout, run_on_ranks
-from minisgl.moe.dispatch import AllToAllDispatcher
-from minisgl.moe.experts import LocalExperts, grouped_gemm, grouped_gemm_loop
+from minisgl.moe.dispatch import LocalExchange, weighted_sum
+from minisgl.moe.experts import LocalExperts, grouped_gemm, grouped_gemm_loop, run_experts
 from minisgl.moe.layer import MoEBlock
 from minisgl.weights import StateDictSource
 
@@ -42,54 +42,85 @@ def checkpoint_tensors(block):
     return tensors
 
 
-def _sharded(config, layouts, tensors, inputs):
+STATIC = 8  # a step padded to one size on every replica (as a CUDA graph runs it)
+
+
+def _sharded(config, layouts, tensors, inputs, backend):
+    from types import SimpleNamespace
     import torch.distributed as dist
     outputs = {}
     for tp, ep in layouts:
         ctx = (ParallelContext.from_process_group(tp, ep) if dist.is_initialized() else ParallelContext.single())
-        block = MoEBlock(config, ctx, torch.float32)
+        ops = None
+        if backend != "reference":
+            from minisgl.fast_ops import fast_ops
+            ops = fast_ops(ctx, config.hidden_size, torch.float32, gemv_max_rows=64 if backend == "gemv" else 0)
+        block = MoEBlock(config, ctx, torch.float32, ops=ops)
         block.load(StateDictSource(tensors), PREFIX)
-        outputs[tp, ep] = block(inputs[tp, ep][ctx.ep_rank])
+        x = inputs[tp, ep][ctx.ep_rank]
+        outputs[tp, ep] = block(x)
         # A step where every replica is empty must not hang either.
-        outputs[tp, ep, "empty"] = block(inputs[tp, ep][ctx.ep_rank][:0])
+        outputs[tp, ep, "empty"] = block(x[:0])
+        # Every replica padded to the same size: the fixed-size exchange where the ops have one.
+        padded = torch.cat([x, torch.ones(STATIC - len(x), x.shape[1])])
+        outputs[tp, ep, "static"] = block(padded, SimpleNamespace(static_shapes=True))[:len(x)]
     return outputs
 
 
-def test_moe_block_matches_transformers_on_every_layout(tiny_config):
+LAYOUTS_BY_BACKEND = {"reference": LAYOUTS, "gemv": [(1, 1), (2, 2), (1, 4)], "sorted": [(1, 1), (2, 2), (1, 4)]}
+
+
+@pytest.mark.parametrize("backend", ["reference", "gemv", "sorted"])
+def test_moe_block_matches_transformers_on_every_layout(tiny_config, backend):
+    layouts = LAYOUTS_BY_BACKEND[backend]
     reference = reference_block(tiny_config)
     tensors = checkpoint_tensors(reference)
     generator = torch.Generator().manual_seed(0)
     inputs = {(tp, ep): [torch.randn(n, tiny_config.hidden_size, generator=generator)
-                         for n in TOKENS_PER_REPLICA[:ep]] for tp, ep in LAYOUTS}
-    results = {1: [_sharded(tiny_config, [(1, 1)], tensors, inputs)]}
-    for world in (2, 4, 8):
-        layouts = [layout for layout in LAYOUTS if layout[0] * layout[1] == world]
-        results[world] = run_on_ranks(_sharded, world, tiny_config, layouts, tensors, inputs, timeout_s=120)
+                         for n in TOKENS_PER_REPLICA[:ep]] for tp, ep in layouts}
+    results = {}
+    for world in (1, 2, 4, 8):
+        chosen = [layout for layout in layouts if layout[0] * layout[1] == world]
+        if not chosen:
+            continue
+        args = (tiny_config, chosen, tensors, inputs, backend)
+        results[world] = [_sharded(*args)] if world == 1 else run_on_ranks(_sharded, world, *args, timeout_s=300)
     checked = []
-    for tp, ep in LAYOUTS:
+    for tp, ep in layouts:
         with torch.no_grad():
             expected = [reference(x[None])[0] if len(x) else x for x in inputs[tp, ep]]
         for rank, outputs in enumerate(results[tp * ep]):
             want = expected[rank // tp]
-            assert outputs[tp, ep].shape == want.shape, (tp, ep, rank)
-            if len(want):
-                error = (outputs[tp, ep] - want).abs().max().item()
-                assert error <= 1e-5, f"tp={tp} ep={ep} rank {rank}: max abs error {error:.2e}"
+            for kind in ("exact", "static"):
+                got = outputs[tp, ep] if kind == "exact" else outputs[tp, ep, "static"]
+                assert got.shape == want.shape, (tp, ep, rank, kind)
+                if len(want):
+                    error = (got - want).abs().max().item()
+                    assert error <= 1e-5, f"tp={tp} ep={ep} rank {rank} {kind}: max abs error {error:.2e}"
             assert outputs[tp, ep, "empty"].shape == (0, tiny_config.hidden_size)
         checked.append((tp, ep))
-    assert checked == LAYOUTS and len(LAYOUTS) == 8
+    assert checked == layouts
 
 
-def test_dispatch_combine_round_trip_single_rank():
-    # ep_size = 1: dispatch only sorts by expert, combine only unsorts and weights.
+def test_local_exchange_round_trip():
+    # ep_size = 1: the experts see the tokens themselves, sorted by expert; the weighted sum undoes the sort.
     topk_ids = torch.tensor([[3, 1], [0, 3], [2, 1]])
     topk_weights = torch.rand(3, 2)
     x = torch.randn(3, 5)
-    dispatcher = AllToAllDispatcher(4)
-    rows, tokens_per_expert, state = dispatcher.dispatch(x, topk_ids)
-    assert tokens_per_expert.tolist() == [1, 2, 1, 2]
-    expert_of_row = torch.repeat_interleave(torch.arange(4), tokens_per_expert)
-    out = dispatcher.combine(rows * (expert_of_row + 1.0)[:, None], state, topk_weights)
+    exchange = LocalExchange()
+    rows, state = exchange.dispatch(x, topk_ids)
+    assert rows.experts.tolist() == [3, 1, 0, 3, 2, 1] and rows.rows_per_x == 2
+
+    class Scale(torch.nn.Module):  # expert e multiplies by e + 1
+        num_local_experts = 4
+
+        def forward(self, sorted_x, tokens_per_expert):
+            assert tokens_per_expert.tolist() == [1, 2, 1, 2]
+            return sorted_x * torch.repeat_interleave(torch.arange(4) + 1.0, tokens_per_expert)[:, None]
+
+    y, row_of_pair = run_experts(rows, Scale())
+    y, row_of_pair = exchange.combine(y, row_of_pair, state)
+    out = weighted_sum(y, topk_weights, row_of_pair)
     torch.testing.assert_close(out, x * (topk_weights * (topk_ids + 1.0)).sum(1, keepdim=True))
 
 

@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_symmetric_all_reduces_equal_nccl(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,16 +10,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options, pdl_wait
+from .pdl import pdl_options, pdl_wait
 
 # %% ../../notebooks/09_making_it_fast.ipynb #2b491172
 @triton.jit
-def _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos_stride, scale, m, l, acc,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    "One block of keys into the running softmax (m: row maxima, l: row sums, acc: weighted values)."
+def _block_slots(pages_ptr, block_start, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    "Cache slots of keys block_start .. block_start + BLOCK_N - 1 of a sequence, and which are < end."
     n = block_start + tl.arange(0, BLOCK_N)
     valid = n < end
-    offsets = base + n[:, None] * cache_pos_stride + tl.arange(0, HEAD_DIM)[None, :]
+    # Key n sits in slot page * PAGE_SIZE + n % PAGE_SIZE, its page read from the sequence's row.
+    page = tl.load(pages_ptr + n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    return page * PAGE_SIZE + n % PAGE_SIZE, valid
+
+
+@triton.jit
+def _attend_block(q, k_cache_ptr, v_cache_ptr, slots, valid, head_base, slot_stride, scale, m, l, acc,
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    "One block of keys into the running softmax (m: row maxima, l: row sums, acc: weighted values)."
+    offsets = head_base + slots[:, None] * slot_stride + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
     v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
@@ -33,22 +41,27 @@ def _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, part_out_ptr, part_lse_ptr,
-                             out_ptr, scale, cache_row_stride, cache_head_stride, cache_pos_stride,
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, row_ptr, len_ptr, part_out_ptr,
+                             part_lse_ptr, out_ptr, scale, page_table_stride, slot_stride, head_stride,
+                             PAGE_SIZE: tl.constexpr,
                              NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
                              BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
                              ON_GPU: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Rows, lengths and pages were written before the kernel launched just before this one (which
+    # wrote q and this token's key): they can be read before waiting for it, hiding their latency.
     seq_len = tl.load(len_ptr + seq)
     row = tl.load(row_ptr + seq)
     # Flash-decoding: each split owns a contiguous chunk of the keys; a second kernel merges them.
     chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
+    pages_ptr = page_table_ptr + row.to(tl.int64) * page_table_stride
+    first_slots, first_valid = _block_slots(pages_ptr, start, end, PAGE_SIZE, BLOCK_N)
+    pdl_wait(PDL)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -57,19 +70,24 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, row_ptr, len_ptr, 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    base = row * cache_row_stride + kv_head * cache_head_stride
+    head_base = kv_head * head_stride
+    if start < end:  # a split past a short sequence's end has no keys at all
+        m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, first_slots, first_valid, head_base,
+                                  slot_stride, scale, m, l, acc, HEAD_DIM, PRECISION)
     if ON_GPU:
         # Bounded by this sequence's length, the loop can be software-pipelined: the next block's keys
         # load while this block's are used.
-        for block_start in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-            m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, base, block_start, end, cache_pos_stride,
-                                      scale, m, l, acc, HEAD_DIM, BLOCK_N, PRECISION)
+        for block_start in tl.range(start + BLOCK_N, end, BLOCK_N, num_stages=NUM_STAGES):
+            slots, valid = _block_slots(pages_ptr, block_start, end, PAGE_SIZE, BLOCK_N)
+            m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, slots, valid, head_base, slot_stride,
+                                      scale, m, l, acc, HEAD_DIM, PRECISION)
     else:
-        # Triton's CPU interpreter wants a trip count it knows: the cache's capacity, with a guard.
-        for i in range(MAX_BLOCKS):
+        # Triton's CPU interpreter wants a trip count it knows: the longest sequence's, with a guard.
+        for i in range(1, MAX_BLOCKS):
             if start + i * BLOCK_N < end:
-                m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, base, start + i * BLOCK_N, end,
-                                          cache_pos_stride, scale, m, l, acc, HEAD_DIM, BLOCK_N, PRECISION)
+                slots, valid = _block_slots(pages_ptr, start + i * BLOCK_N, end, PAGE_SIZE, BLOCK_N)
+                m, l, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, slots, valid, head_base, slot_stride,
+                                          scale, m, l, acc, HEAD_DIM, PRECISION)
     safe_l = tl.where(l > 0, l, 1.0)
     if NUM_SPLITS == 1:  # nothing to merge: write the output itself
         tl.store(out_ptr + (seq * NUM_Q_HEADS + heads)[:, None] * HEAD_DIM + d[None, :],
@@ -96,15 +114,18 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, HEAD_DIM: tl.const
     tl.store(out_ptr + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_rows: torch.Tensor,
-                     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                     page_size: int, seq_rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
     """One query token per sequence against its cached keys: q [seqs, heads, d] -> [seqs, heads, d].
 
-    Reads each sequence's cache rows in place, only up to its length; the keys are split into
-    `num_splits` chunks so that even one sequence keeps many multiprocessors busy."""
+    k_cache, v_cache: [kv heads, slots, d]; sequence i's keys are found through page-table row
+    seq_rows[i], in place, up to its length seq_lens[i]; the keys are split into `num_splits`
+    chunks so that even one sequence keeps many multiprocessors busy."""
     seqs, heads, d = q.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads = k_cache.shape[0]
+    max_len = page_table.shape[1] * page_size
     group = heads // kv_heads
     out = torch.empty_like(q)
     if seqs == 0:
@@ -117,11 +138,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(partials, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(partials, dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, cache_rows, kv_lens, part_out, part_lse, out, scale,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, page_table, seq_rows, seq_lens, part_out, part_lse, out, scale,
+        page_table.stride(0), k_cache.stride(1), k_cache.stride(0), PAGE_SIZE=page_size,
         NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads, HEAD_DIM=d, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits, BLOCK_N=block_n,
-        MAX_BLOCKS=triton.cdiv(triton.cdiv(k_cache.shape[2], num_splits), block_n),
+        MAX_BLOCKS=triton.cdiv(triton.cdiv(max_len, num_splits), block_n),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
         ON_GPU=q.is_cuda, NUM_STAGES=num_stages, num_warps=num_warps, **pdl_options(q))
     if num_splits > 1:

@@ -5,7 +5,7 @@ chosen experts, a gathering top-k weighted sum, and SwiGLU's elementwise half (c
 
 # %% auto #0
 __all__ = ['ROUTER_GEMV_MAX_TOKENS', 'MOE_BLOCKS', 'GROUPED_BLOCKS', 'GROUPED_BLOCKS_BY_SHAPE', 'topk_softmax', 'router_topk',
-           'moe_gate_up', 'moe_down', 'weighted_sum', 'sort_by_expert', 'silu_and_mul', 'moe_grouped_gemm']
+           'moe_gate_up', 'moe_down', 'weighted_sum', 'counting_sort_by_expert', 'fused_silu_and_mul', 'moe_grouped_gemm']
 
 # %% ../../notebooks/09_making_it_fast.ipynb #80dd475c
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import pdl_options, pdl_wait
+from .pdl import pdl_options, pdl_wait
 
 # %% ../../notebooks/09_making_it_fast.ipynb #fb90f0a8
 @triton.jit
@@ -208,10 +208,10 @@ def moe_gate_up(x: torch.Tensor, w13: torch.Tensor, expert_ids: torch.Tensor, ro
     return h
 
 
-def moe_down(h: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor | None,
-             top_k: int, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """h [pairs, intermediate] @ W_down[expert]^T per pair; then, with `topk_weights`, each token's weighted
-    sum over its top_k pairs -> [pairs / top_k, hidden]; without, the per-pair rows [pairs, hidden]."""
+def moe_down(h: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor,
+             blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """h [pairs, intermediate] @ W_down[expert]^T for each (row, expert) pair -> [pairs, hidden]
+    (-1: a padding pair, which reads nothing and comes out zero)."""
     block_n, block_k, warps = blocks or MOE_BLOCKS["down"]
     hidden, intermediate = w2.shape[1], w2.shape[2]
     pairs = expert_ids.numel()
@@ -220,16 +220,16 @@ def moe_down(h: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor, topk_w
         _moe_down_kernel[(pairs, triton.cdiv(hidden, block_n))](
             h, w2, expert_ids, y, hidden=hidden, intermediate=intermediate, BLOCK_N=block_n,
             BLOCK_K=min(block_k, triton.next_power_of_2(intermediate)), num_warps=warps, **pdl_options(h))
-    return y if topk_weights is None else weighted_sum(y, topk_weights, top_k)
+    return y
 
 
-def weighted_sum(y: torch.Tensor, topk_weights: torch.Tensor, top_k: int,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_sum(y: torch.Tensor, topk_weights: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """out[t] = sum over slots s of topk_weights[t, s] * y[row of (t, s)], accumulated in float32.
 
     y holds one row per (token, slot) pair: in pair order, or anywhere if `rows` [tokens * top_k] says
     where (e.g. sorted by expert: the scatter back to token order is then this gather)."""
-    tokens, hidden = topk_weights.numel() // top_k, y.shape[1]
+    tokens, top_k = topk_weights.shape
+    hidden = y.shape[1]
     out = torch.empty(tokens, hidden, dtype=y.dtype, device=y.device)
     if tokens:
         block = min(1024, triton.next_power_of_2(hidden))
@@ -275,7 +275,7 @@ def _scatter_by_expert_kernel(x_ptr, ids_ptr, start_ptr, out_ptr, row_of_pair_pt
     tl.store(out_ptr + dest[:, None] * hidden + cols[None, :], values, mask=mask)
 
 
-def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, rows_per_x: int,
+def counting_sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, rows_per_x: int,
                    block_rows: int = 64, with_padding: bool = False):
     """Copy x's rows into expert order, one row per (token, expert) pair: x [n, hidden], expert_ids
     [n * rows_per_x]; pair p reads x[p // rows_per_x]. With `with_padding`, an id of -1 marks a padding
@@ -285,7 +285,8 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, 
     what a stable argsort, a gather and a bincount give (bit for bit), in two kernels, with no host sync."""
     if with_padding:
         expert_ids = torch.where(expert_ids < 0, num_experts, expert_ids)  # padding: one more "expert", last
-        rows, counts, row_of_pair = sort_by_expert(x, expert_ids, num_experts + 1, rows_per_x, block_rows)
+        rows, counts, row_of_pair = counting_sort_by_expert(x, expert_ids, num_experts + 1, rows_per_x,
+                                                            block_rows)
         return rows, counts[:num_experts], row_of_pair
     pairs, hidden = expert_ids.numel(), x.shape[1]
     blocks = triton.cdiv(pairs, block_rows)
@@ -306,15 +307,15 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, 
     return out, hist.sum(1), row_of_pair
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def fused_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     "silu(gate) * up for [rows, 2 * n] -> [rows, n] in one pass (PyTorch takes three)."
     rows, half = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, half, dtype=gate_up.dtype, device=gate_up.device)
     if rows:
         block = min(1024, triton.next_power_of_2(half))
         # ~4,096 elements per program whatever the width: at TP=4's 192-wide experts one row per program
-        # made 65,536 programs of 192 elements for an 8,192-token prefill (80 us, as long as one GPU's
-        # 768-wide rows take; LOG step 20).
+        # made 65,536 programs of 192 elements for an 8,192-token prefill (as long as one GPU's 768-wide rows
+        # take).
         block_rows = max(1, 4096 // block)
         _silu_and_mul_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(half, block))](
             gate_up, out, rows, half=half, BLOCK_R=block_rows, BLOCK=block, **pdl_options(gate_up))

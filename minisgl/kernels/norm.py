@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options, pdl_wait
+from .pdl import pdl_options, pdl_wait
 
 # %% ../../notebooks/09_making_it_fast.ipynb #021100bd
 @triton.jit
@@ -33,15 +33,15 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, eps,
     tl.store(out_ptr + row * hidden + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm of x (or of x + residual, also returned): one read of each input, one write of each output.
-
-    Returns (normed, x + residual) with a residual, else normed. x, residual: [rows, hidden] contiguous."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass: one read of each input, one write of each
+    output. With no residual, (rms_norm(x), x). x, residual: [rows, hidden] contiguous."""
     hidden = x.shape[-1]
     out = torch.empty_like(x)
-    summed = torch.empty_like(x) if residual is not None else out
+    summed = torch.empty_like(x) if residual is not None else x
     if x.shape[0]:
         _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, summed, eps,
                                             hidden=hidden, BLOCK=triton.next_power_of_2(hidden),
                                             HAS_RESIDUAL=residual is not None, **pdl_options(x))
-    return (out, summed) if residual is not None else out
+    return out, summed

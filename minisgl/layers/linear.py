@@ -9,10 +9,9 @@ __all__ = ['divide', 'ColumnParallelLinear', 'RowParallelLinear', 'MergedColumnP
 
 # %% ../../notebooks/02_parallel_linear.ipynb #75568201
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce
+from ..ops import Ops, reference_ops
 from ..weights import Shard, WeightSource
 
 # %% ../../notebooks/02_parallel_linear.ipynb #768c2826
@@ -32,15 +31,16 @@ class ColumnParallelLinear(nn.Module):
     "y[:, shard] = x @ W[shard, :].T: each rank owns `out_features / tp_size` output rows; no communication."
 
     def __init__(self, in_features: int, out_features: int, tp_rank: int = 0, tp_size: int = 1,
-                 dtype=None, device=None):
+                 dtype=None, device=None, ops: Ops | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.ops = ops or reference_ops()
         self.out_per_rank = divide(out_features, tp_size, "out_features")
         self.weight = _empty(self.out_per_rank, in_features, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # [tokens, out_features / tp_size]
+        return self.ops.linear(x, self.weight)  # [tokens, out_features / tp_size]
 
     def load(self, source: WeightSource, name: str) -> None:
         rows = Shard(0, self.tp_rank * self.out_per_rank, self.out_per_rank)
@@ -54,16 +54,18 @@ class RowParallelLinear(nn.Module):
     communication of the pair is the all-reduce here."""
 
     def __init__(self, in_features: int, out_features: int, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group=None, reduce_results: bool = True, dtype=None, device=None):
+                 tp_group=None, reduce_results: bool = True, dtype=None, device=None,
+                 ops: Ops | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_rank, self.tp_group, self.reduce_results = tp_rank, tp_group, reduce_results
+        self.ops = ops or reference_ops()
         self.in_per_rank = divide(in_features, tp_size, "in_features")
         self.weight = _empty(out_features, self.in_per_rank, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)  # [tokens, out_features], this rank's share of the sum
-        return all_reduce(partial, self.tp_group) if self.reduce_results else partial
+        partial = self.ops.linear(x, self.weight)  # [tokens, out_features]: this rank's share
+        return self.ops.all_reduce(partial, self.tp_group) if self.reduce_results else partial
 
     def load(self, source: WeightSource, name: str) -> None:
         cols = Shard(1, self.tp_rank * self.in_per_rank, self.in_per_rank)
@@ -76,15 +78,16 @@ class MergedColumnParallelLinear(nn.Module):
     The local weight is [shard of W_0; shard of W_1; ...], so the output splits back into parts."""
 
     def __init__(self, in_features: int, out_features: list[int], tp_rank: int = 0, tp_size: int = 1,
-                 dtype=None, device=None):
+                 dtype=None, device=None, ops: Ops | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, list(out_features)
         self.tp_rank = tp_rank
+        self.ops = ops or reference_ops()
         self.out_per_rank = [divide(n, tp_size, "out_features") for n in out_features]
         self.weight = _empty(sum(self.out_per_rank), in_features, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # [tokens, sum(out_features) / tp_size]
+        return self.ops.linear(x, self.weight)  # [tokens, sum(out_features) / tp_size]
 
     def load(self, source: WeightSource, names: list[str]) -> None:
         parts = self.weight.split(self.out_per_rank)
@@ -111,8 +114,10 @@ class QKVParallelLinear(nn.Module):
     "q, k and v projections in one column-parallel GEMM, split by heads: [q heads | k heads | v heads]."
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 tp_rank: int = 0, tp_size: int = 1, dtype=None, device=None):
+                 tp_rank: int = 0, tp_size: int = 1, dtype=None, device=None,
+                 ops: Ops | None = None):
         super().__init__()
+        self.ops = ops or reference_ops()
         self.hidden_size, self.head_dim = hidden_size, head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_local_heads = divide(num_heads, tp_size, "num_attention_heads")
@@ -123,7 +128,7 @@ class QKVParallelLinear(nn.Module):
         self.weight = _empty(sum(self.output_sizes), hidden_size, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # [tokens, (local q heads + 2 * local kv heads) * head_dim]
+        return self.ops.linear(x, self.weight)  # [tokens, (q heads + 2 kv heads) * head_dim]
 
     def load(self, source: WeightSource, q_name: str, k_name: str, v_name: str) -> None:
         q, k, v = self.weight.split(self.output_sizes)

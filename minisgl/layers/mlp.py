@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import Ops
 from ..weights import WeightSource
 from .linear import MergedColumnParallelLinear, RowParallelLinear
 
@@ -24,14 +25,14 @@ class DenseMLP(nn.Module):
     "down(silu(gate(x)) * up(x)), with gate/up split by columns and down by rows over the TP group."
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group=None, dtype=None, device=None):
+                 tp_group=None, dtype=None, device=None, ops: Ops | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp_rank, tp_size,
-                                                       dtype, device)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, tp_rank,
+                                                       tp_size, dtype, device, ops=ops)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp_rank, tp_size, tp_group,
-                                           dtype=dtype, device=device)
+                                           dtype=dtype, device=device, ops=ops)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [tokens, hidden], summed over TP
 
     def load(self, source: WeightSource, prefix: str) -> None:

@@ -15,6 +15,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, rope_theta: float, max_positions: int, device=None):
         super().__init__()
+        self.head_dim = head_dim
         # The same float32 arithmetic as transformers, so float32 results agree to the last bit.
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
                                          / head_dim))

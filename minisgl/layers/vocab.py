@@ -10,16 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather, all_reduce
+from ..distributed import all_gather
+from ..ops import Ops, reference_ops
 from ..weights import Shard, WeightSource
 
 # %% ../../notebooks/07_generation.ipynb #17a7295c
 class _VocabShard(nn.Module):
     "Rows [start, end) of a [vocab, hidden] matrix; the last rank's shard is zero-padded to equal size."
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int, tp_size: int, tp_group, dtype, device):
+    def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int, tp_size: int, tp_group, dtype, device,
+                 ops: Ops | None = None):
         super().__init__()
         self.vocab_size, self.hidden_size, self.tp_group = vocab_size, hidden_size, tp_group
+        self.ops = ops or reference_ops()
         self.rows_per_rank = -(-vocab_size // tp_size)
         self.start = min(tp_rank * self.rows_per_rank, vocab_size)
         self.end = min(self.start + self.rows_per_rank, vocab_size)
@@ -40,7 +43,7 @@ class VocabParallelEmbedding(_VocabShard):
             return F.embedding(ids, self.weight)  # [tokens, hidden]
         mine = (ids >= self.start) & (ids < self.end)
         local = F.embedding(torch.where(mine, ids - self.start, 0), self.weight)
-        return all_reduce(local * mine[:, None].to(local.dtype), self.tp_group)  # [tokens, hidden]
+        return self.ops.all_reduce(local * mine[:, None].to(local.dtype), self.tp_group)  # [tokens, hidden]
 
 
 class ParallelLMHead(_VocabShard):
