@@ -1,6 +1,8 @@
-"""Chapter 01: the rank grid, simulated ranks (results, failures, hangs, cleanup) and the group collectives."""
+"""Chapter 01: the rank grid, simulated ranks (results, failures, hangs, cleanup), the group collectives, their
+timeouts, and the count of collectives per forward."""
 import multiprocessing as mp
 import os
+import re
 import socket
 import tempfile
 import time
@@ -9,8 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minisgl.distributed import (ParallelContext, ParallelLayout, RankError, all_gather, all_reduce, all_to_all,
-                                 broadcast, init_distributed, reduce_scatter, run_on_ranks)
+from minisgl.config import QWEN3_30B_A3B_CONFIG, ModelConfig, preset
+from minisgl.distributed import (CollectiveTimeout, ParallelContext, ParallelLayout, RankError, all_gather, all_reduce,
+                                 all_to_all, broadcast, collectives_per_forward, init_distributed, reduce_scatter,
+                                 run_on_ranks)
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (2, 4), (4, 2), (8, 1), (1, 8), (3, 2)]
 
@@ -251,3 +255,117 @@ def test_refuses_to_start_from_a_process_with_a_process_group():
             dist.destroy_process_group()
     assert not dist.is_initialized()
     assert run_on_ranks(trivial, 2, timeout_s=30) == [0, 1]  # and works again once it is destroyed
+
+
+def peer_never_arrives(kind, timeout_s):
+    "Rank 2 never joins; rank 3 waits for it in TP group 1 (ranks 2, 3), or rank 0 in EP group 0 (ranks 0, 2)."
+    if kind == "TP":
+        ctx = ParallelContext.from_process_group(2, 2, timeout_s=timeout_s)
+    else:  # the groups init_distributed builds get the same timeout
+        ctx = init_distributed(2, 2, device="cpu", timeout_s=timeout_s)
+    if ctx.rank == 2:
+        time.sleep(60)  # run_on_ranks stops it once a peer fails
+    if kind == "TP" and ctx.rank == 3:
+        all_reduce(torch.ones(4), ctx.tp_group)
+    if kind == "EP" and ctx.rank == 0:
+        all_to_all(torch.ones(2, 4), ctx.ep_group)
+    return ctx.rank
+
+
+@pytest.mark.parametrize("kind, waiting_rank, sentence", [
+    ("TP", 3, "all_reduce over TP group 1 (ranks [2, 3]) timed out after {} s waiting for rank 2"),
+    ("EP", 0, "all_to_all over EP group 0 (ranks [0, 2]) timed out after {} s waiting for rank 2"),
+])
+def test_group_collective_times_out_with_one_sentence(kind, waiting_rank, sentence):
+    timeout_s = 2.0
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run_on_ranks(peer_never_arrives, 4, kind, timeout_s, timeout_s=60)  # the default group waits 60 s
+    elapsed = time.monotonic() - start
+    assert timeout_s < elapsed < timeout_s + 5, elapsed  # the group's own timeout, not the default group's
+    message = str(info.value)
+    assert message.startswith(f"rank {waiting_rank} of 4 failed"), message
+    last_line = message.splitlines()[-1]
+    pattern = re.escape(sentence).replace(r"\{\}", r"\d+\.\d")
+    assert re.fullmatch(r"\S*CollectiveTimeout: " + pattern, last_line), last_line
+    waited = float(re.search(r"after (\d+\.\d) s", last_line).group(1))
+    assert timeout_s - 0.1 <= waited < timeout_s + 2, waited
+    # The backend's own error is kept as the cause.
+    assert "The above exception was the direct cause of the following exception" in message
+    assert "Timed out waiting 2000ms" in message
+    assert not mp.active_children()
+
+
+@pytest.fixture
+def one_rank_group():
+    "A named group of one rank in this process, for wrappers whose backend call is replaced."
+    with tempfile.TemporaryDirectory() as store_dir:
+        dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=0, world_size=1)
+        try:
+            yield dist.new_group([0], group_desc="EP group 3")
+        finally:
+            dist.destroy_process_group()
+
+
+WRAPPED = {"all_reduce": (all_reduce, "all_reduce"), "all_gather": (all_gather, "all_gather"),
+           "reduce_scatter": (reduce_scatter, "reduce_scatter"), "all_to_all": (all_to_all, "all_to_all_single"),
+           "broadcast": (broadcast, "broadcast")}
+BACKEND_TIMEOUTS = [
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation "
+    "to complete",
+    "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE, Timeout(ms)=600000) "
+    "ran for 600003 milliseconds before timing out.",
+]
+
+
+@pytest.mark.parametrize("backend_message", BACKEND_TIMEOUTS)
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_every_wrapper_names_its_timeout(monkeypatch, one_rank_group, name, backend_message):
+    wrapper, backend_call = WRAPPED[name]
+    backend_error = RuntimeError(backend_message)
+
+    def times_out(*args, **kwargs):
+        time.sleep(0.1)
+        raise backend_error
+
+    monkeypatch.setattr(dist, backend_call, times_out)
+    with pytest.raises(CollectiveTimeout) as info:
+        wrapper(torch.ones(2, 3), one_rank_group)
+    assert isinstance(info.value, RuntimeError)  # a launcher catching RuntimeError still catches it
+    match = re.fullmatch(rf"{name} over EP group 3 \(ranks \[0\]\) timed out after (\d+\.\d) s", str(info.value))
+    assert match and float(match.group(1)) >= 0.1, str(info.value)
+    assert info.value.__cause__ is backend_error
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_other_backend_errors_pass_through_unchanged(monkeypatch, one_rank_group, name):
+    wrapper, backend_call = WRAPPED[name]
+    backend_error = RuntimeError("Tensors must be CPU and dense")
+
+    def fails(*args, **kwargs):
+        raise backend_error
+
+    monkeypatch.setattr(dist, backend_call, fails)
+    with pytest.raises(RuntimeError) as info:
+        wrapper(torch.ones(2, 3), one_rank_group)
+    assert info.value is backend_error
+
+
+def test_collectives_per_forward():
+    qwen3 = preset("qwen3-30b-a3b")
+
+    def total(config, tp, ep):
+        return sum(collectives_per_forward(config, ParallelLayout(tp, ep)).values())
+
+    # Per MoE layer: TP all-reduce after attention, 3 EP all_to_alls, TP all-reduce after the experts;
+    # plus the embedding's all-reduce and the LM head's all-gather.
+    assert total(qwen3, 2, 4) == total(qwen3, 2, 2) == total(qwen3, 4, 2) == 48 * 5 + 2 == 242
+    assert total(qwen3, 8, 1) == total(qwen3, 2, 1) == 48 * 2 + 2 == 98
+    assert total(qwen3, 1, 8) == total(qwen3, 1, 2) == 48 * 3 == 144
+    assert total(qwen3, 1, 1) == 0
+    counts = collectives_per_forward(qwen3, ParallelLayout(2, 4))
+    assert counts["MoE split sizes: EP all_to_all"] == counts["MoE rows back: EP all_to_all"] == 48
+    assert counts["embedding: TP all-reduce"] == counts["LM head: TP all-gather"] == 1
+    dense_ends = ModelConfig.from_dict({**QWEN3_30B_A3B_CONFIG, "mlp_only_layers": [0, 47]})
+    assert total(dense_ends, 2, 4) == 46 * 5 + 2 * 2 + 2  # a dense layer has no all_to_all
+    assert total(dense_ends, 1, 4) == 46 * 3

@@ -1,9 +1,11 @@
 """Chapter 06: the loader reads only each rank's slices, refuses bad checkpoints by name, makes the same random
 model in every layout, and measures the weights per GPU on the meta device."""
 
+import dataclasses
 import json
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from minisgl.distributed import ParallelContext, ParallelLayout
 from minisgl.loader import (DummySource, SafetensorsSource, check_checkpoint, checkpoint_shapes, resolve_model_path,
                             save_random_checkpoint, weight_bytes)
 from minisgl.model import Qwen3MoeForCausalLM
-from minisgl.weights import CheckpointError, Shard
+from minisgl.weights import CheckpointError, Shard, StateDictSource
 
 ALL_LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (2, 4), (8, 1), (1, 8)]
 
@@ -187,8 +189,8 @@ def test_meta_weight_bytes_equal_the_formula(tp_size, ep_size):
         assert weight_bytes(model) == expected
 
 
-def test_seed_memory_claims():
-    "The seed project's ~15 GB (TP=2,EP=2) and ~8 GB (TP=2,EP=4) per GPU, which are GiB."
+def test_memory_per_gpu_in_gib():
+    "The ~15 GiB (TP=2, EP=2) and ~8 GiB (TP=2, EP=4) per GPU quoted for Qwen3-30B-A3B."
     qwen3 = preset("qwen3-30b-a3b")
     gib = {(tp, ep): weight_bytes(build_rank(qwen3, tp, ep, 0, "meta", torch.bfloat16)) / 2**30
            for tp, ep in [(2, 2), (2, 4)]}
@@ -203,3 +205,93 @@ def test_resolve_model_path(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fail at once, clearly
     with pytest.raises(FileNotFoundError, match="could not download 'nobody/no-such-model'"):
         resolve_model_path("nobody/no-such-model", include_weights=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_or_bool_weight_is_a_checkpoint_error(dtype, tiny_tensors, tiny_config, tmp_path):
+    "Right shape, wrong kind of number: named with its dtype, from the header and when a rank reads it."
+    name = "model.layers.1.mlp.experts.5.up_proj.weight"  # held by rank 3 of TP=2 x EP=2 (experts 4-7)
+    tensors = dict(tiny_tensors)
+    tensors[name] = torch.ones(tensors[name].shape, dtype=dtype)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source = SafetensorsSource(tmp_path)
+    message = re.escape(repr(name)) + ".*" + str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=message):
+        check_checkpoint(source, tiny_config)
+    with pytest.raises(CheckpointError, match=message):
+        build_rank(tiny_config, 2, 2, rank=3).load(source)
+    build_rank(tiny_config, 2, 2, rank=0).load(source)  # ranks that do not hold it load fine
+    with pytest.raises(CheckpointError, match=message):  # every source, not only files
+        StateDictSource(tensors).read(name, tuple(tensors[name].shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_float_weights_are_cast_and_nan_loads_as_is(dtype, tiny_tensors, tiny_config, tmp_path):
+    "Any float dtype is cast by the copy into the parameter; NaN and Inf are legal values, loaded unchanged."
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors = {n: t.to(dtype) for n, t in tiny_tensors.items()}
+    tensors[name][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    check_checkpoint(SafetensorsSource(tmp_path), tiny_config)
+    model = build_rank(tiny_config, 1, 1, 0)
+    model.load(SafetensorsSource(tmp_path))
+    torch.testing.assert_close(model.layers[0].self_attn.o_proj.weight, tensors[name].float(),
+                               rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(model.embed_tokens.weight, tensors["model.embed_tokens.weight"].float(),
+                               rtol=0, atol=0)
+
+
+def test_every_source_builds_its_names_once(tiny_checkpoint, tiny_config, tiny_tensors):
+    "A read looks its name up in names(): a set rebuilt per call makes loading quadratic in the tensor count."
+    for source in (SafetensorsSource(tiny_checkpoint), DummySource(tiny_config), StateDictSource(tiny_tensors)):
+        names = source.names()
+        assert isinstance(names, frozenset) and source.names() is names, type(source).__name__
+        assert names == set(checkpoint_shapes(tiny_config))
+
+
+# Tiny dimensions, 24 layers of 8 or 128 experts: 795 or 9,435 tensors. Loading either takes well under a second,
+# and the larger is big enough for a per-read cost of ~10 ns per tensor name (a set of names rebuilt on every read,
+# as the sources once did) to show: ~100 us per read, against ~20 us for reading a tiny tensor. With that cost the
+# tests below measured 5-11x growth.
+FEW_EXPERTS, MANY_EXPERTS = 8, 128
+
+
+@pytest.fixture(scope="module")
+def few_and_many(tiny_config, tmp_path_factory):
+    "{experts: (config, checkpoint dir)}, written straight with safetensors (the first test checks the names)."
+    sizes = {}
+    for experts in (FEW_EXPERTS, MANY_EXPERTS):
+        config = dataclasses.replace(tiny_config, num_hidden_layers=24, num_experts=experts)
+        folder = tmp_path_factory.mktemp(f"experts{experts}")
+        save_file({name: torch.zeros(shape) for name, shape in checkpoint_shapes(config).items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+        sizes[experts] = config, folder
+    return sizes
+
+
+def seconds_per_tensor(config, run, repeats=3) -> float:
+    "The fastest of `repeats` runs (the one least disturbed by a busy machine), per tensor of the checkpoint."
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) / len(checkpoint_shapes(config))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "dummy"])
+def test_loading_time_is_linear_in_the_tensor_count(kind, few_and_many):
+    per_tensor = {}
+    for experts, (config, folder) in few_and_many.items():
+        model = build_rank(config, 1, 1, 0)
+        make_source = {"safetensors": lambda: SafetensorsSource(folder), "dummy": lambda: DummySource(config)}[kind]
+        per_tensor[experts] = seconds_per_tensor(config, lambda: model.load(make_source()))
+    growth = per_tensor[MANY_EXPERTS] / per_tensor[FEW_EXPERTS]
+    assert growth < 3, f"{kind}: a read costs {growth:.1f}x as much with ~12x the tensors"
+
+
+def test_check_checkpoint_time_is_linear_in_the_tensor_count(few_and_many):
+    per_tensor = {experts: seconds_per_tensor(config, lambda: check_checkpoint(SafetensorsSource(folder), config), 5)
+                  for experts, (config, folder) in few_and_many.items()}
+    growth = per_tensor[MANY_EXPERTS] / per_tensor[FEW_EXPERTS]
+    assert growth < 3, f"check_checkpoint costs {growth:.1f}x as much per tensor with ~12x the tensors"
