@@ -36,7 +36,26 @@ PACKAGE_DOCS = {
     "layers": "Tensor-parallel building blocks: linear layers, the dense MLP, norms, rotary, attention, vocab.",
     "moe": "The Mixture-of-Experts block: router (gate), AllToAll dispatch and combine, grouped experts.",
     "kernels": "Fused GPU kernels (Triton) and their plain PyTorch references.",
+    "runtime": "The serving runtime: requests, the page pool, the prefix cache, the scheduler and the engine.",
+    "server": "The OpenAI-compatible HTTP server: protocol, rank 0's front end, the serving loop, the command line.",
 }
+
+
+# The package's front door, `from minisgl import LLM, SamplingParams`, imported on first use so that
+# `import minisgl.config` does not load the whole engine.
+_LAZY_API = '''
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name):
+    if name == "LLM":
+        from minisgl.llm import LLM
+        return LLM
+    if name == "SamplingParams":
+        from minisgl.sampling import SamplingParams
+        return SamplingParams
+    raise AttributeError(f"module 'minisgl' has no attribute {name!r}")
+'''
 
 
 class ChapterExport(ExportModuleProc):
@@ -86,18 +105,19 @@ def export_notebook(notebook: Path, lib_path: Path) -> list[Path]:
 def export_all(root: Path) -> None:
     "Regenerate `root/minisgl` from `root/notebooks`."
     lib_path = root / PACKAGE
-    if lib_path.exists():
-        shutil.rmtree(lib_path)
-    for notebook in sorted((root / "notebooks").glob("[0-9]*.ipynb")):
+    if lib_path.exists():  # every module is regenerated; data files (checkpoints/) stay
+        for path in sorted(lib_path.rglob("*.py"), reverse=True):
+            path.unlink()
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
         export_notebook(notebook, lib_path)
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     for sub, doc in PACKAGE_DOCS.items():
         folder = lib_path / sub
         if folder.is_dir():
-            extra = f'\n__version__ = "{version}"\n' if sub == "" else ""
+            extra = f'\n__version__ = "{version}"\n{_LAZY_API}' if sub == "" else ""
             (folder / "__init__.py").write_text(f'"""{doc}"""\n{extra}')
     for folder in sorted(p for p in lib_path.rglob("*") if p.is_dir() and p.name != "__pycache__"):
-        if not (folder / "__init__.py").exists():
+        if any(folder.glob("*.py")) and not (folder / "__init__.py").exists():
             raise SystemExit(f"{folder.relative_to(root)} has no docstring in PACKAGE_DOCS of scripts/export.py")
 
 

@@ -42,12 +42,27 @@ def _leftovers(tag: str) -> list[psutil.Process]:
     return found
 
 
-def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """Run the capstone: plain python for one process, torchrun otherwise. Fails the test if it runs past
-    TIMEOUT_S or leaves any process behind."""
+def launch_env(tag: str, **extra: str) -> dict:
+    "The capstone's environment: one thread, the repository importable, and a tag to find its processes by."
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MINISGL_TEST_TAG": tag, **extra,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def reap(tag: str) -> list[psutil.Process]:
+    "Wait up to 10 s for the tagged processes to end; kill and return those still there."
+    deadline = time.monotonic() + 10
+    while (left := _leftovers(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in left:
+        proc.kill()
+    return left
+
+
+def launch(nproc: int, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the capstone: plain python for one process, torchrun otherwise (`env`: extra variables). Fails
+    the test if it runs past TIMEOUT_S or leaves any process behind."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINISGL_TEST_TAG": tag,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = launch_env(tag, **env)
     launcher = ([sys.executable] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
     try:
@@ -55,11 +70,7 @@ def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
                               timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         done = None
-    deadline = time.monotonic() + 10
-    while (left := _leftovers(tag)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for proc in left:
-        proc.kill()
+    left = reap(tag)
     assert done is not None, f"the capstone ({nproc} processes) ran past {TIMEOUT_S} s: a hang"
     assert not left, f"processes left behind: {[p.pid for p in left]}"
     return done
@@ -88,7 +99,7 @@ def run_capstone(tmp_path, checkpoint, tp: int, ep: int, *extra: str) -> dict:
                   "--device", "cpu", "--dtype", "float32", "--max_new_tokens", str(NEW_TOKENS), "--ignore_eos",
                   "--json", str(report_path), *prompt_args(), *extra)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "time to first token" in done.stdout and "decode:" in done.stdout, done.stdout
+    assert "time to first token" in done.stdout and "output:" in done.stdout, done.stdout
     return json.loads(report_path.read_text())
 
 
@@ -100,8 +111,8 @@ def test_greedy_tokens_equal_transformers(tmp_path, tiny_checkpoint, expected_id
     layout, timing = report["layout"], report["timing"]
     assert (layout["tp_size"], layout["ep_size"], layout["world_size"]) == (tp, ep, tp * ep)
     assert layout["gpu"] is None and layout["date"] and layout["dtype"] == "float32"
-    assert timing["decode_steps"] == NEW_TOKENS - 1 and timing["decode_tokens"] == len(PROMPTS) * (NEW_TOKENS - 1)
-    assert timing["time_to_first_token_seconds"] > 0 and timing["decode_tokens_per_second"] > 0
+    assert timing["output_tokens"] == len(PROMPTS) * NEW_TOKENS and timing["output_tokens_per_second"] > 0
+    assert timing["time_to_first_token_seconds"] > 0 and timing["steps"] >= NEW_TOKENS
     assert len(timing["weight_bytes_by_rank"]) == tp * ep
     assert timing["weight_bytes_per_rank"] == max(timing["weight_bytes_by_rank"])
     assert report["outputs"][0]["prompt"] == TEXT and report["outputs"][1]["prompt"] is None
@@ -209,3 +220,40 @@ def test_a_load_failure_on_one_rank_stops_every_rank(tiny_checkpoint):
     assert results[0][1].strip() == "error: ranks [2] could not load their weights (each said why)"
     assert results[1][1] == results[3][1] == ""
     assert results[2][1].startswith("error (rank 2): could not read 'model.")
+
+
+# Every command the book and the README show is one the script accepts.
+
+def shown_commands() -> list[tuple[str, str]]:
+    "(where, command) for every `torchrun ... scripts/run_inference.py ...` in the notebooks and the README."
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        texts[notebook.name] = "\n".join("".join(cell["source"]) for cell in cells)
+    commands = []
+    for where, text in texts.items():
+        text = re.sub(r"\\\\?\n", " ", text)  # continued lines (a Python string doubles the backslash)
+        # To the end of the line or of the inline code span.
+        for match in re.finditer(r"torchrun [^`\n]*?scripts/run_inference\.py[^`\n]*", text):
+            commands.append((where, match.group(0)))
+    return commands
+
+
+def test_shown_commands_parse():
+    "Each shown command's script arguments parse (an unknown or malformed option fails) and ask for a valid layout."
+    import shlex
+
+    from minisgl.launch import UsageError, parse_args
+    commands = shown_commands()
+    assert {where for where, _ in commands} >= {"README.md", "08_capstone.ipynb"}, commands
+    for where, command in commands:
+        words = shlex.split(command, comments=True)
+        script_args = words[words.index("scripts/run_inference.py") + 1:]
+        try:
+            args = parse_args(script_args, exit_on_error=False)
+        except UsageError as exc:
+            raise AssertionError(f"{where}: {command!r}: {exc}") from None
+        nproc = next(w.split("=")[1] if "=" in w else words[i + 1] for i, w in enumerate(words)
+                     if w.startswith(("--nproc_per_node", "--nproc-per-node")))
+        nnodes = next((int(words[i + 1]) for i, w in enumerate(words) if w == "--nnodes"), 1)
+        assert int(nproc) * nnodes == args.tp_size * args.ep_size, f"{where}: {command!r}"

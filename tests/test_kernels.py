@@ -213,3 +213,35 @@ def test_decode_inputs():
     assert torch.equal(ids, last_tokens[rows])
     assert torch.equal(slots, page_slots(page_table, page_size, rows, positions))
     assert torch.equal(lens, positions + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size,block", [(4, 16), (1, 32), (16, 16)])
+def test_prefill_attention_over_a_cached_prefix(dtype, page_size, block):
+    "A decode, a prompt chunk after a prefix, and a fresh prompt in one batch, against the reference op."
+    from types import SimpleNamespace
+    from minisgl.kernels.prefill_attention import prefill_attention
+    from minisgl.layers.attention import paged_attention
+    heads, kv_heads, d, max_len = 4, 2, 32, 48
+    seq_lens, query_lens, rows = [30, 21, 9], [1, 13, 9], [2, 0, 1]
+    pages_per_row = max_len // page_size
+    num_pages = 1 + 3 * pages_per_row
+    k_cache = torch.randn(kv_heads, num_pages * page_size, d, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    page_table = torch.zeros(4, pages_per_row, dtype=torch.int32, device=DEVICE)
+    page_table[:3] = (1 + torch.randperm(num_pages - 1, device=DEVICE)).int().view(3, pages_per_row)
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, heads, d, dtype=dtype, device=DEVICE)
+    starts = torch.tensor([0, 1, 14, 23], device=DEVICE)
+    token_seq = torch.repeat_interleave(torch.arange(3, device=DEVICE), torch.tensor(query_lens, device=DEVICE))
+    positions = torch.cat([torch.arange(n - q, n, device=DEVICE) for n, q in zip(seq_lens, query_lens)])
+    cache = SimpleNamespace(k=k_cache, v=v_cache, page_table=page_table, page_size=page_size,
+                            slots=lambda r, p: page_table[r, p // page_size].long() * page_size + p % page_size)
+    batch = SimpleNamespace(num_seqs=3, num_tokens=tokens, max_seq_len=max(seq_lens), max_query_len=max(query_lens),
+                            seq_rows=torch.tensor(rows, device=DEVICE), seq_lens=torch.tensor(seq_lens, device=DEVICE),
+                            query_starts=starts, token_seq=token_seq, positions=positions)
+    ref = paged_attention(q.float(), SimpleNamespace(**{**vars(cache), "k": k_cache.float(), "v": v_cache.float()}),
+                          batch, d ** -0.5)
+    out = prefill_attention(q, k_cache, v_cache, page_table, page_size, batch.seq_rows, batch.seq_lens, starts,
+                            d ** -0.5, block_m=block, block_n=block)
+    assert rel_err(out, ref) < TOL[dtype]

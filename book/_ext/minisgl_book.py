@@ -3,7 +3,8 @@
 1. A chapter's `#| default_exp` cell holds a string literal, the module's docstring (scripts/export.py
    reads it). Jupyter echoes that string as the cell's value; on the page the echo only repeats the
    cell, so the rendered book drops it. Notebooks and the package are untouched.
-2. static/minisgl.css: a wider article for the code cells, and no duplicate search bar."""
+2. static/minisgl.css: a wider article for the code cells, no duplicate search bar, and the
+   measurement log's table fitted to the page."""
 from pathlib import Path
 
 from docutils import nodes

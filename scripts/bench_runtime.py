@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark the serving runtime offline (Qwen3-30B-A3B shape, random weights) on seeded workloads.
+
+    torchrun --nproc_per_node=N scripts/bench_runtime.py [--tp_size T --ep_size E] [--out results/runtime]
+
+Phases (each skippable with --skip):
+  single   one request, 512 prompt tokens, 256 new: decode tok/s through the runtime, beside the same
+           request on the bare model runner (the static engine, no scheduler): the runtime's overhead;
+  mixed    --requests requests with long-tailed lengths (prompts 16-2,048 tokens, outputs 16-1,024, both
+           log-uniform), all submitted at once, through continuous batching and through static batching
+           (a batch runs until its longest request ends): output tok/s, time to first token and time per
+           output token at p50/p99, peak memory;
+  prefix   --prefix_requests requests on --systems shared system prompts of --system_len tokens, each with
+           its own 64-token question and 64 new tokens, with and without the prefix cache: cache hits and
+           the time saved.
+One JSON file per run, named after the GPU, the layout and the date.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minisgl.generation import StaticEngine
+from minisgl.llm import LLM
+from minisgl.sampling import SamplingParams
+
+
+def log(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+def log_uniform(rng: random.Random, low: int, high: int) -> int:
+    return int(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def mixed_workload(count: int, vocab: int, seed: int = 0):
+    "Prompts of 16-2,048 tokens and outputs of 16-1,024, log-uniform: many short, a long tail."
+    rng = random.Random(seed)
+    prompts, params = [], []
+    for _ in range(count):
+        prompts.append([rng.randrange(vocab) for _ in range(log_uniform(rng, 16, 2048))])
+        params.append(SamplingParams(max_new_tokens=log_uniform(rng, 16, 1024)))
+    return prompts, params
+
+
+def prefix_workload(count: int, systems: int, system_len: int, vocab: int, seed: int = 1):
+    rng = random.Random(seed)
+    system_prompts = [[rng.randrange(vocab) for _ in range(system_len)] for _ in range(systems)]
+    prompts = [system_prompts[i % systems] + [rng.randrange(vocab) for _ in range(64)] for i in range(count)]
+    return prompts, [SamplingParams(max_new_tokens=64)] * count
+
+
+def run_workload(llm: LLM, prompts, params) -> dict:
+    "All requests at once; timings from each request's own timestamps."
+    engine = llm.engine
+    llm.ctx_sync()
+    torch.cuda.reset_peak_memory_stats(llm.ctx.device)
+    steps_before = dict(engine.stats)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    llm.ctx_sync()
+    seconds = time.perf_counter() - start
+    output_tokens = sum(len(o.output_ids) for o in outputs)
+    per_token = [(o.latency - o.time_to_first_token) / (len(o.output_ids) - 1)
+                 for o in outputs if len(o.output_ids) > 1]
+    return {"requests": len(prompts), "prompt_tokens": sum(map(len, prompts)), "output_tokens": output_tokens,
+            "seconds": seconds, "output_tokens_per_second": output_tokens / seconds,
+            "time_to_first_token_seconds": percentiles([o.time_to_first_token for o in outputs]),
+            "time_per_output_token_seconds": percentiles(per_token),
+            "cached_prompt_tokens": sum(o.cached_tokens for o in outputs),
+            "steps": engine.stats["steps"] - steps_before["steps"],
+            "graph_steps": engine.stats["graph_steps"] - steps_before["graph_steps"],
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(llm.ctx.device)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--ep_size", type=int, default=1)
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--prefix_requests", type=int, default=512)
+    p.add_argument("--systems", type=int, default=8)
+    p.add_argument("--system_len", type=int, default=1024)
+    p.add_argument("--max_running_requests", type=int, default=256)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,mixed,static,prefix")
+    p.add_argument("--out", default="results/runtime")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    llm = LLM(preset="qwen3-30b-a3b", tp_size=args.tp_size, ep_size=args.ep_size, device="cuda", ignore_eos=True,
+              max_seq_len=4096, max_running_requests=args.max_running_requests)
+    ctx, vocab = llm.ctx, llm.config.vocab_size
+    gpu = torch.cuda.get_device_name(ctx.device)
+    cache = llm.runner.cache
+    report = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "layout": {"tp_size": ctx.tp_size, "ep_size": ctx.ep_size, "world_size": ctx.world_size},
+              "shape": "qwen3-30b-a3b (random bf16 weights)", "start_seconds": llm.start_seconds,
+              "kv_cache": {"pages": cache.num_pages, "page_size": cache.page_size,
+                           "tokens": (cache.num_pages - 1) * cache.page_size, "rows": cache.max_rows,
+                           "bytes_per_token": cache.bytes_per_token},
+              "phases": {}}
+    phases = report["phases"]
+
+    def save():  # after every phase: a run cut short still leaves its numbers
+        if ctx.rank == 0:
+            out_dir = Path(args.out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+            path = out_dir / f"{slug}_tp{ctx.tp_size}_ep{ctx.ep_size}_{report['date']}{args.tag}.json"
+            path.write_text(json.dumps(report, indent=2))
+            return path
+
+    log(f"runtime bench on {ctx.world_size} x {gpu}: tp={ctx.tp_size} ep={ctx.ep_size}; KV cache "
+        f"{report['kv_cache']['tokens']:,} tokens in pages of {cache.page_size}; started in {llm.start_seconds:.1f} s")
+
+    if "single" not in skip:
+        rng = random.Random(5)
+        prompt = [[rng.randrange(vocab) for _ in range(512)]]
+        params = SamplingParams(max_new_tokens=256)
+        llm.generate(prompt, SamplingParams(max_new_tokens=8))   # warm-up
+        llm.engine.reset_prefix_cache()
+        r = run_workload(llm, prompt, [params])
+        r["decode_tokens_per_second"] = 1 / r["time_per_output_token_seconds"]["mean"]
+        llm.engine.reset_prefix_cache()
+        # The same request on the bare runner: the static engine steps it with no scheduler at all.
+        static = StaticEngine(llm.runner)
+        static.generate(prompt, SamplingParams(max_new_tokens=8))
+        static.generate(prompt, params)
+        s = static.stats
+        bare = s.decode_steps / s.decode_seconds
+        r["bare_runner_decode_tokens_per_second"] = bare
+        r["runtime_over_bare"] = r["decode_tokens_per_second"] / bare
+        phases["single"] = r
+        save()
+        log(f"single: runtime {r['decode_tokens_per_second']:.1f} tok/s, bare runner {bare:.1f} tok/s "
+            f"({100 * r['runtime_over_bare']:.1f}%)")
+
+    if "mixed" not in skip:
+        prompts, params = mixed_workload(args.requests, vocab)
+        llm.generate(prompts[:16], params[:16])  # warm-up: prefill shapes, chunking
+        llm.engine.reset_prefix_cache()
+        r = run_workload(llm, prompts, params)
+        phases["mixed_continuous"] = r
+        save()
+        log(f"mixed, continuous: {r['output_tokens_per_second']:.0f} output tok/s, {r['seconds']:.1f} s, TTFT p50 "
+            f"{r['time_to_first_token_seconds']['p50']:.2f} s, TPOT p50 "
+            f"{1e3 * r['time_per_output_token_seconds']['p50']:.1f} ms")
+    if "prefix" not in skip:
+        prompts, params = prefix_workload(args.prefix_requests, args.systems, args.system_len, vocab)
+        for name, use_cache in (("prefix_cached", True), ("prefix_uncached", False)):
+            llm.engine.reset_prefix_cache()
+            if not use_cache:
+                saved, llm.engine.scheduler.cache = llm.engine.scheduler.cache, None
+            r = run_workload(llm, prompts, params)
+            if not use_cache:
+                llm.engine.scheduler.cache = saved
+            r["cache_hit_rate"] = r["cached_prompt_tokens"] / r["prompt_tokens"]
+            phases[name] = r
+            save()
+            log(f"{name}: {r['seconds']:.2f} s, hit rate {100 * r['cache_hit_rate']:.0f}%, TTFT p50 "
+                f"{r['time_to_first_token_seconds']['p50']:.3f} s")
+
+    if "static" not in skip and "mixed_continuous" in phases:
+        prompts, params = mixed_workload(args.requests, vocab)
+        llm.engine.reset_prefix_cache()
+        llm.engine.scheduler.static = True
+        r = run_workload(llm, prompts, params)
+        llm.engine.scheduler.static = False
+        phases["mixed_static"] = r
+        save()
+        log(f"mixed, static: {r['output_tokens_per_second']:.0f} output tok/s, {r['seconds']:.1f} s "
+            f"(continuous / static = {phases['mixed_continuous']['output_tokens_per_second'] / r['output_tokens_per_second']:.2f}x)")
+
+    log(f"wrote {save()}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
