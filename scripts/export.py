@@ -15,6 +15,7 @@ the string literal in that cell becomes the module's docstring.
 import argparse
 import ast
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -63,7 +64,7 @@ class ChapterExport(ExportModuleProc):
 
     def begin(self):
         super().begin()
-        self.default_exp, self.docstrings = None, {}
+        self.default_exp, self.docstrings, self.classes = None, {}, {}
 
     def _default_exp_(self, cell, exp_to):
         self.default_exp = exp_to
@@ -73,11 +74,35 @@ class ChapterExport(ExportModuleProc):
             self.docstrings[exp_to] = tree.body[0].value.value
 
     def _exporti_(self, cell, exp_to=None):
+        if self._add_to_class(cell):
+            return
         self.modules[exp_to or self.default_exp].append(cell)
+        for name in re.findall(r"^class (\w+)", cell.source, re.MULTILINE):
+            self.classes[name] = cell
 
     def _export_(self, cell, exp_to=None):
+        if self._add_to_class(cell):
+            return
         self._exporti_(cell, exp_to)
         self.in_all[exp_to or self.default_exp].append(cell)
+
+    def _add_to_class(self, cell) -> bool:
+        """A cell that opens with `@patch_to(SomeClass)` (fastcore's: in the notebook it adds the function
+        below to a class defined in an earlier cell) goes into that class's body in the module, without the
+        decorator: the chapter builds a class over several cells, the package gets one plain class."""
+        lines = cell.source.splitlines()
+        body = [line for line in lines if not line.startswith("#|")]
+        while body and not body[0].strip():
+            body.pop(0)
+        match = re.fullmatch(r"@patch_to\((\w+)\)\s*", body[0]) if body else None
+        if match is None:
+            return False
+        owner = self.classes.get(match.group(1))
+        if owner is None:
+            raise SystemExit(f"`@patch_to({match.group(1)})` before any exported `class {match.group(1)}`")
+        method = "\n".join(("    " + line) if line.strip() else "" for line in body[1:])
+        owner.source = owner.source.rstrip("\n") + "\n\n" + method + "\n"
+        return True
 
     _exports_, _exportd_ = _export_, _exporti_
 

@@ -34,3 +34,32 @@ def test_check_names_a_hand_edited_module(tmp_path):
     assert result.returncode == 1
     assert "minisgl/config.py" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_class_built_over_several_cells_comes_out_as_one_class(tmp_path):
+    "Cells that add methods with fastcore's `@patch_to(Cls)` go into the class body, without the decorator."
+    import importlib.util
+    import json
+    cells = [("#| default_exp demo\n\"\"\"A demo module.\"\"\"", "a1"),
+             ("#| export\nclass Counter:\n    \"Counts.\"\n\n    def __init__(self):\n        self.n = 0", "a2"),
+             ("#| export\n@patch_to(Counter)\ndef add(self, k: int) -> int:\n    \"Add k.\"\n    self.n += k\n"
+              "    return self.n", "a3"),
+             ("#| export\ndef double(c: Counter) -> int:\n    return 2 * c.n", "a4")]
+    notebook = {"cells": [{"cell_type": "code", "id": i, "metadata": {}, "source": s, "outputs": [],
+                           "execution_count": None} for s, i in cells],
+                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "notebooks").mkdir()
+    path = tmp_path / "notebooks" / "99_demo.ipynb"
+    path.write_text(json.dumps(notebook))
+    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
+    export_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_script)
+    (module,) = export_script.export_notebook(path, tmp_path / "pkg")
+    text = module.read_text()
+    assert "patch_to" not in text and "    def add(self, k: int) -> int:" in text
+    assert "__all__ = ['Counter', 'double']" in text
+    spec = importlib.util.spec_from_file_location("demo", module)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    counter = demo.Counter()
+    assert counter.add(3) == 3 and demo.double(counter) == 6

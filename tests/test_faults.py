@@ -77,7 +77,7 @@ def test_empty_model_path_is_an_error_not_the_tiny_model(capsys, no_loading):
 def test_negative_prompt_id_is_read_as_a_value(capsys, no_loading):
     "argparse would take -1,2 for an option; the launcher reads it as the prompt and names the bad id."
     code, line = run_main(capsys, "--prompt_ids", "-1,2", *SHORT)
-    assert code == 1 and line == "error: prompt 0 has token id -1 outside the vocabulary [0, 320)"
+    assert code == 1 and line == "error: prompt 0 has token id -1 outside the vocabulary [0, 258)"
     assert launch_module.parse_args(["--prompt", "-x", "--stop", "-"]).stop == ["-"]
 
 
