@@ -310,11 +310,13 @@ class ParallelLayout:
         return self.grid().t().tolist()
 
     def check_world_size(self, world_size: int) -> None:
+        "The job must have exactly one process per cell of the grid."
         if world_size != self.world_size:
             raise ValueError(
                 f"world size {world_size} != tp_size {self.tp_size} x "
-                f"ep_size {self.ep_size} = {self.world_size}; launch "
-                f"{self.world_size} processes or change the layout")
+                f"ep_size {self.ep_size} = {self.world_size}; start "
+                f"{self.world_size} processes (torchrun --nproc_per_node="
+                f"{self.world_size} on one node) or change the layout")
 
 # %% ../notebooks/01_process_groups.ipynb #4f18a631
 @dataclass

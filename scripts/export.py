@@ -94,14 +94,16 @@ class ChapterExport(ExportModuleProc):
         body = [line for line in lines if not line.startswith("#|")]
         while body and not body[0].strip():
             body.pop(0)
-        match = re.fullmatch(r"@patch_to\((\w+)\)\s*", body[0]) if body else None
+        match = re.fullmatch(r"@patch_to\((\w+)(?:, *(cls_method|as_prop)=True)?\)\s*", body[0]) if body else None
         if match is None:
             return False
         owner = self.classes.get(match.group(1))
         if owner is None:
             raise SystemExit(f"`@patch_to({match.group(1)})` before any exported `class {match.group(1)}`")
-        method = "\n".join(("    " + line) if line.strip() else "" for line in body[1:])
-        owner.source = owner.source.rstrip("\n") + "\n\n" + method + "\n"
+        # fastcore's cls_method=True / as_prop=True: a classmethod / property in the class body.
+        decorator = {"cls_method": ["@classmethod"], "as_prop": ["@property"]}.get(match.group(2), [])
+        method = "\n".join(("    " + line) if line.strip() else "" for line in decorator + body[1:])
+        owner.source = owner.source.rstrip("\n") + "\n\n" + method.rstrip("\n")
         return True
 
     _exports_, _exportd_ = _export_, _exporti_

@@ -224,9 +224,10 @@ def test_a_load_failure_on_one_rank_stops_every_rank(tiny_checkpoint):
 
 # Every command the book and the README show is one the script accepts.
 
-def shown_commands() -> list[tuple[str, str]]:
-    "(where, command) for every `torchrun ... scripts/run_inference.py ...` in the notebooks and the README."
+def shown_commands(script: str = "run_inference.py") -> list[tuple[str, str]]:
+    "(where, command) for every `torchrun ... scripts/<script> ...` in the notebooks, the book's pages and the README."
     texts = {"README.md": (ROOT / "README.md").read_text()}
+    texts.update({f"book/{page.name}": page.read_text() for page in sorted((ROOT / "book").glob("*.md"))})
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(notebook.read_text())["cells"]
         texts[notebook.name] = "\n".join("".join(cell["source"]) for cell in cells)
@@ -234,9 +235,28 @@ def shown_commands() -> list[tuple[str, str]]:
     for where, text in texts.items():
         text = re.sub(r"\\\\?\n", " ", text)  # continued lines (a Python string doubles the backslash)
         # To the end of the line or of the inline code span.
-        for match in re.finditer(r"torchrun [^`\n]*?scripts/run_inference\.py[^`\n]*", text):
+        for match in re.finditer(r"torchrun [^`\n]*?scripts/" + re.escape(script) + r"[^`\n]*", text):
             commands.append((where, match.group(0)))
     return commands
+
+
+def test_shown_server_commands_parse():
+    "Each shown `torchrun ... scripts/serve.py ...` parses: the server's own options, then the launcher's."
+    import shlex
+
+    from minisgl.launch import UsageError, parse_args
+    from minisgl.server.main import server_parser
+    commands = shown_commands("serve.py")
+    assert {where for where, _ in commands} >= {"README.md"}, commands
+    for where, command in commands:
+        words = shlex.split(command, comments=True)
+        server_args, rest = server_parser().parse_known_args(words[words.index("scripts/serve.py") + 1:])
+        try:
+            args = parse_args(rest, exit_on_error=False)
+        except UsageError as exc:
+            raise AssertionError(f"{where}: {command!r}: {exc}") from None
+        nproc = next(w.split("=")[1] for w in words if w.startswith("--nproc_per_node="))
+        assert int(nproc) == args.tp_size * args.ep_size and server_args.port > 0, f"{where}: {command!r}"
 
 
 def test_shown_commands_parse():

@@ -83,7 +83,6 @@ class Engine:
                                               pin_memory=True)
                                   for _ in range(2)]
 
-    # -- requests -----------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams,
             stop: tuple[str, ...] = (), request_id: int | None = None) -> int:
         """Call on every rank with the same arguments, in the same order.
@@ -112,7 +111,6 @@ class Engine:
         step's exchange)."""
         return any(self.replica_unfinished)
 
-    # -- one step -----------------------------------------------------------
     def _exchange(self, plan: StepPlan) -> torch.Tensor:
         """[ranks, fields]: every rank's plan size, decode flag, unfinished
         count and load."""

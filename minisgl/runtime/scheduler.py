@@ -83,7 +83,6 @@ class Scheduler:
         self.stop_check = stop_check
         self.stats = {"preemptions": 0, "evicted_pages": 0, "steps": 0}
 
-    # -- admission and bookkeeping ------------------------------------------
     def add(self, request: Request) -> None:
         needed = len(request.prompt_ids) + request.params.max_new_tokens
         if needed > self.max_seq_len:
@@ -185,7 +184,6 @@ class Scheduler:
         self.running.append(request)
         return True
 
-    # -- one step -----------------------------------------------------------
     def schedule(self) -> StepPlan:
         """The next step: decodes first, then prompt chunks; pages for all
         of it."""
@@ -302,7 +300,6 @@ class Scheduler:
                       else length - self.page_size)
         return max(length, 0)
 
-    # -- the step's tokens --------------------------------------------------
     def update(self, plan: StepPlan, tokens: list[int]) -> list[Request]:
         """The step ran: `tokens` are the first num_sampled requests' new
         tokens. Returns the requests that finished (their rows and pages are

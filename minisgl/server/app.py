@@ -16,15 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..llm import LLM
 from ..sampling import MIN_TEMPERATURE, SamplingParams
-from .frontend import Frontend
+from .frontend import Frontend, Update
 from .protocol import (
     APIError, ChatCompletionRequest, CompletionRequest,
     apply_chat_template, error_body, now, usage)
-
-
-def _sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n"
 
 # %% ../../notebooks/16_server.ipynb #672a8e0d
 class _TextStream:
@@ -56,39 +51,100 @@ class _TextStream:
         return piece
 
 # %% ../../notebooks/16_server.ipynb #0805a1dd
-def create_app(llm: LLM, frontend: Frontend, model_name: str) -> FastAPI:
-    "The API for an engine whose serving loop runs with this front end."
-    app = FastAPI(title="Mini-SGL", version="0.1.0")
-    tokenizer, config, plan = llm.tokenizer, llm.config, llm.plan
-    max_seq_len = plan.max_seq_len
-    default_stop_ids = plan.params.stop_token_ids
+def _sse(payload: dict | str) -> str:
+    "One server-sent event: a `data:` line and a blank line."
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.param, exc.kind,
-                                       exc.code), status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(
-                f"the request body is not valid JSON: {first.get('msg')}"),
-                status_code=400)
-        message = (f"{'.'.join(where) or 'request'}: "
-                   f"{first.get('msg', 'invalid value')}")
-        return JSONResponse(error_body(message, where[0] if where else None),
-                            status_code=400)
+class _Reply:
+    """One request's answer in OpenAI's shapes: the head every body repeats,
+    then a streamed chunk, the usage chunk, or the whole response."""
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def __init__(self, kind: str, request_id: int, model_name: str):
+        self.kind, self.request_id = kind, request_id  # "text" or "chat"
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        self.tag, self.model_name, self.created = (
+            prefix + str(request_id), model_name, now())
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.tag, "object": obj, "created": self.created,
+                "model": self.model_name}
+
+    def chunk(self, piece: str, finish: str | None,
+              first: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = ({"role": "assistant", "content": piece} if first
+                     else ({"content": piece} if piece else {}))
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return {**self.head("chat.completion.chunk"), "choices": [choice]}
+        return {**self.head("text_completion"),
+                "choices": [{"index": 0, "text": piece,
+                             "finish_reason": finish, "logprobs": None}]}
+
+    def usage_chunk(self, last: Update, tokens: int) -> dict:
+        obj = ("chat.completion.chunk" if self.kind == "chat"
+               else "text_completion")
+        return {**self.head(obj), "choices": [],
+                "usage": usage(last.prompt_tokens, tokens,
+                               last.cached_tokens)}
+
+    def whole(self, content: str, last: Update, tokens: int) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0,
+                      "message": {"role": "assistant", "content": content},
+                      "finish_reason": last.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": content,
+                      "finish_reason": last.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        return {**self.head(obj), "choices": [choice],
+                "usage": usage(last.prompt_tokens, tokens,
+                               last.cached_tokens)}
+
+# %% ../../notebooks/16_server.ipynb #39609154
+async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    "A refused request: its status, and OpenAI's error body."
+    return JSONResponse(error_body(exc.message, exc.param, exc.kind,
+                                   exc.code), status_code=exc.status)
+
+
+async def invalid_request(request: Request,
+                          exc: RequestValidationError) -> JSONResponse:
+    """A field pydantic refused, or a body that is not JSON: a 400 in
+    OpenAI's shape, naming the field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(
+            f"the request body is not valid JSON: {first.get('msg')}"),
+            status_code=400)
+    message = (f"{'.'.join(where) or 'request'}: "
+               f"{first.get('msg', 'invalid value')}")
+    return JSONResponse(error_body(message, where[0] if where else None),
+                        status_code=400)
+
+# %% ../../notebooks/16_server.ipynb #54df4bfe
+class Handlers:
+    """What the HTTP handlers share: the engine (`llm`), its front end and
+    the model's name. They check a request, then run it."""
+
+    def __init__(self, llm: LLM, frontend: Frontend, model_name: str):
+        self.llm, self.frontend, self.model_name = llm, frontend, model_name
+        self.tokenizer = llm.tokenizer
+        self.max_seq_len = llm.plan.max_seq_len
+        self.default_stop_ids = llm.plan.params.stop_token_ids
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
             raise APIError(f"the model {name!r} does not exist; this server "
-                           f"serves {model_name!r}", "model",
+                           f"serves {self.model_name!r}", "model",
                            code="model_not_found")
 
-    def sampling(body, prompt_ids: list[int],
+    def sampling(self, body, prompt_ids: list[int],
                  max_tokens: int | None) -> SamplingParams:
+        max_seq_len = self.max_seq_len
         max_tokens = (max_tokens if max_tokens is not None
                       else max_seq_len - len(prompt_ids))
         if len(prompt_ids) + max_tokens > max_seq_len:
@@ -104,126 +160,112 @@ def create_app(llm: LLM, frontend: Frontend, model_name: str) -> FastAPI:
             max_new_tokens=max_tokens, temperature=body.temperature,
             top_k=body.top_k, top_p=body.top_p,
             seed=body.seed if body.seed is not None else 0,
-            stop_token_ids=() if body.ignore_eos else default_stop_ids)
+            stop_token_ids=() if body.ignore_eos else self.default_stop_ids)
 
-    def tokenize(prompt: str | list[int], param: str) -> list[int]:
+    def tokenize(self, prompt: str | list[int], param: str) -> list[int]:
         try:
-            ids = llm.tokenize(prompt)
+            ids = self.llm.tokenize(prompt)
         except ValueError as exc:
             raise APIError(str(exc), param) from None
         return ids
 
-    async def run(kind: str, body, prompt_ids: list[int],
-                  params: SamplingParams):
+    def prepare(self, kind: str, body) -> tuple[list[int], SamplingParams]:
+        """Check a request of `kind` ("text" or "chat"): its prompt's token ids
+        and its sampling parameters."""
+        self.check_model(body.model)
+        body.check_supported()
+        if kind == "text":
+            prompt_ids = self.tokenize(body.prompt_input(), "prompt")
+            return prompt_ids, self.sampling(body, prompt_ids,
+                                             body.max_tokens or 16)
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer, so no chat "
+                           "template: use /v1/completions with token ids",
+                           "messages")
+        prompt_ids = self.tokenize(
+            apply_chat_template(self.tokenizer, body.messages), "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return prompt_ids, self.sampling(body, prompt_ids, max_tokens)
+
+    async def run(self, kind: str, body):
+        "Check and submit a request; answer it streamed, or whole at its end."
+        prompt_ids, params = self.prepare(kind, body)
         stop = body.stop_strings()
-        request_id, stream = frontend.submit(prompt_ids, params, stop)
-        tag = ("chatcmpl-" if kind == "chat" else "cmpl-") + str(request_id)
-        text = _TextStream(tokenizer, stop)
-        created = now()
-
-        def chunk(piece: str, finish: str | None, first: bool = False) -> dict:
-            if kind == "chat":
-                delta = ({"role": "assistant", "content": piece} if first
-                         else ({"content": piece} if piece else {}))
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                return {"id": tag, "object": "chat.completion.chunk",
-                        "created": created, "model": model_name,
-                        "choices": [choice]}
-            return {"id": tag, "object": "text_completion",
-                    "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": piece,
-                                 "finish_reason": finish, "logprobs": None}]}
-
-        async def updates():
-            while True:
-                update = await stream.queue.get()
-                yield update
-                if update.finish_reason is not None:
-                    return
-
+        request_id, stream = self.frontend.submit(prompt_ids, params, stop)
+        reply = _Reply(kind, request_id, self.model_name)
+        text = _TextStream(self.tokenizer, stop)
         if body.stream:
-            async def events():
-                finished, tokens, first = False, 0, True
-                try:
-                    async for update in updates():
-                        tokens += len(update.new_ids)
-                        final = update.finish_reason is not None
-                        piece = text.delta(update.new_ids, final)
-                        if piece or first or final:
-                            yield _sse(chunk(
-                                piece, update.finish_reason if final
-                                else None, first))
-                            first = False
-                        if final:
-                            finished = True
-                            if body.include_usage:
-                                yield _sse({
-                                    "id": tag,
-                                    "object": "chat.completion.chunk"
-                                    if kind == "chat" else "text_completion",
-                                    "created": created, "model": model_name,
-                                    "choices": [],
-                                    "usage": usage(update.prompt_tokens,
-                                                   tokens,
-                                                   update.cached_tokens)})
-                    yield _sse("[DONE]")
-                finally:
-                    # The client went away mid-stream: free its pages.
-                    if not finished:
-                        frontend.abort(request_id)
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(
+                self._events(reply, stream, text, body.include_usage),
+                media_type="text/event-stream")
+        return await self._whole(reply, stream, text)
 
+    async def _events(self, reply: _Reply, stream, text: _TextStream,
+                      include_usage: bool):
+        "The server-sent events of a streamed request, up to `[DONE]`."
+        finished, tokens, first = False, 0, True
+        try:
+            async for update in _stream_updates(stream):
+                tokens += len(update.new_ids)
+                final = update.finish_reason is not None
+                piece = text.delta(update.new_ids, final)
+                if piece or first or final:
+                    yield _sse(reply.chunk(
+                        piece, update.finish_reason if final else None, first))
+                    first = False
+                if final:
+                    finished = True
+                    if include_usage:
+                        yield _sse(reply.usage_chunk(update, tokens))
+            yield _sse("[DONE]")
+        finally:
+            # The client went away mid-stream: free its pages.
+            if not finished:
+                self.frontend.abort(reply.request_id)
+
+    async def _whole(self, reply: _Reply, stream, text: _TextStream) -> dict:
+        "The response to a request that is not streamed, once it has ended."
         tokens, last = 0, None
         try:
-            async for update in updates():
+            async for update in _stream_updates(stream):
                 tokens += len(update.new_ids)
                 text.ids += update.new_ids
                 last = update
         finally:
             if last is None or last.finish_reason is None:
-                frontend.abort(request_id)
-        content = text.text(final=True)
-        if kind == "chat":
-            choice = {"index": 0,
-                      "message": {"role": "assistant", "content": content},
-                      "finish_reason": last.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": content,
-                      "finish_reason": last.finish_reason, "logprobs": None}
-            obj = "text_completion"
-        return {"id": tag, "object": obj, "created": created,
-                "model": model_name, "choices": [choice],
-                "usage": usage(last.prompt_tokens, tokens,
-                               last.cached_tokens)}
+                self.frontend.abort(reply.request_id)
+        return reply.whole(text.text(final=True), last, tokens)
+
+# %% ../../notebooks/16_server.ipynb #8831362d
+async def _stream_updates(stream):
+    "A request's updates as they arrive, up to its last."
+    while True:
+        update = await stream.queue.get()
+        yield update
+        if update.finish_reason is not None:
+            return
+
+# %% ../../notebooks/16_server.ipynb #77bfa6cb
+def create_app(llm: LLM, frontend: Frontend, model_name: str) -> FastAPI:
+    "The API for an engine whose serving loop runs with this front end."
+    app = FastAPI(title="Mini-SGL", version="0.1.0")
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    handlers = Handlers(llm, frontend, model_name)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        check_model(body.model)
-        body.check_supported()
-        prompt_ids = tokenize(body.prompt_input(), "prompt")
-        return await run("text", body, prompt_ids,
-                         sampling(body, prompt_ids, body.max_tokens or 16))
+        return await handlers.run("text", body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
-        check_model(body.model)
-        body.check_supported()
-        if tokenizer is None:
-            raise APIError("this model has no tokenizer, so no chat "
-                           "template: use /v1/completions with token ids",
-                           "messages")
-        prompt_ids = tokenize(apply_chat_template(tokenizer, body.messages),
-                              "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        return await run("chat", body, prompt_ids,
-                         sampling(body, prompt_ids, max_tokens))
+        return await handlers.run("chat", body)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": now(),
-            "owned_by": "minisgl", "max_model_len": max_seq_len}]}
+            "owned_by": "minisgl", "max_model_len": handlers.max_seq_len}]}
 
     @app.get("/health")
     async def health():

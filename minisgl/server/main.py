@@ -37,7 +37,7 @@ def server_parser() -> argparse.ArgumentParser:
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
-
+# %% ../../notebooks/16_server.ipynb #5849ad50
 def _start_http(app, host: str, port: int):
     """uvicorn in a thread (so the main thread runs the serving loop); waits
     until it listens, or fails."""
@@ -54,7 +54,39 @@ def _start_http(app, host: str, port: int):
                       f"use?)")
     return server, thread
 
-# %% ../../notebooks/16_server.ipynb #5849ad50
+
+def _start_front_end(llm: LLM, name: str, host: str, port: int):
+    """Rank 0: the front end, and HTTP on it. Returns the front end and the
+    HTTP server and thread (None if HTTP could not start)."""
+    from minisgl.server.app import create_app
+    from minisgl.server.frontend import Frontend
+    frontend, http = Frontend(), None
+    try:
+        http = _start_http(create_app(llm, frontend, name), host, port)
+        print(f"serving {name!r} on http://{host}:{port} "
+              f"(tp={llm.ctx.tp_size} x ep={llm.ctx.ep_size})", flush=True)
+    except OSError as exc:
+        _say(f"error: {exc}")
+        # The other ranks are told to stop at the first iteration.
+        frontend.stopping = True
+    return frontend, http
+
+# %% ../../notebooks/16_server.ipynb #8709ab10
+def _handle_signals(frontend) -> None:
+    """SIGINT and SIGTERM: rank 0 (the one with a front end) stops serving,
+    and so every rank; the other ranks ignore them."""
+    if frontend is not None:
+        def stop(signum, frame):
+            frontend.stopping = True
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+    else:
+        # torchrun passes SIGINT/SIGTERM to every worker: the others wait
+        # for rank 0's word to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+# %% ../../notebooks/16_server.ipynb #ccb9e293
 def main(argv: list[str] | None = None) -> int:
     server_args, rest = server_parser().parse_known_args(argv)
     args = parse_args(rest)
@@ -79,30 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     frontend = http = None
     if llm.ctx.rank == 0:
-        from minisgl.server.app import create_app
-        from minisgl.server.frontend import Frontend
-        frontend = Frontend()
-        try:
-            http = _start_http(create_app(llm, frontend, name),
-                               server_args.host, server_args.port)
-            print(f"serving {name!r} on "
-                  f"http://{server_args.host}:{server_args.port} "
-                  f"(tp={llm.ctx.tp_size} x ep={llm.ctx.ep_size})",
-                  flush=True)
-        except OSError as exc:
-            _say(f"error: {exc}")
-            # The other ranks are told to stop at the first iteration.
-            frontend.stopping = True
-
-        def stop(signum, frame):
-            frontend.stopping = True
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-    else:
-        # torchrun passes SIGINT/SIGTERM to every worker: the others wait
-        # for rank 0's word to stop.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        frontend, http = _start_front_end(llm, name, server_args.host,
+                                          server_args.port)
+    _handle_signals(frontend)
     from minisgl.server.frontend import serve_loop
     try:
         serve_loop(llm, frontend)
