@@ -116,54 +116,80 @@ class StaticEngine:
         order."""
         check_prompts(prompts, params.max_new_tokens, self.max_seq_len,
                       self.config.vocab_size)
-        ctx, device, runner = self.ctx, self.ctx.device, self.runner
         mine = self.replica_prompts(len(prompts))
         my_prompts = [prompts[i] for i in mine]
-        lens = [len(p) for p in my_prompts]
-        rows = list(range(len(mine)))
         longest = max(map(len, prompts))
         self.reserve_rows(len(mine), longest + params.max_new_tokens)
-        sampling = [params] * len(mine)
+        new_tokens, done, margins, take = self._new_token_buffers(params,
+                                                                  len(mine))
+        self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+        # Prompts of the busiest replica: every replica keeps its pace, in
+        # prefill chunks and in decode sizes.
+        busiest = -(-len(prompts) // self.ctx.ep_size)
+        self._prefill(my_prompts, busiest, longest, take)
+        steps = self._decode_steps([len(p) for p in my_prompts], busiest,
+                                   params, done, take)
+        return self._collect_results(prompts, mine, new_tokens[:, :steps],
+                                     margins, params.stop_token_ids)
+
+    def _new_token_buffers(self, params: SamplingParams, seqs: int):
+        """The call's new tokens [seqs, max_new_tokens] and stop flags [seqs]
+        on the device, its margins (one [seqs] tensor a step), and
+        take(logits, step), which samples a step's tokens into them."""
+        device, runner = self.ctx.device, self.runner
+        sampling = [params] * seqs
         stop_ids = torch.tensor(params.stop_token_ids or (-1,), device=device)
-        out = torch.zeros(len(mine), params.max_new_tokens, dtype=torch.long,
-                          device=device)
-        done = torch.zeros(len(mine), dtype=torch.bool,
-                           device=device)  # [seqs]
-        stats = self.stats = GenerationStats(
-            prompt_tokens=sum(map(len, prompts)))
+        new_tokens = torch.zeros(seqs, params.max_new_tokens, dtype=torch.long,
+                                 device=device)
+        done = torch.zeros(seqs, dtype=torch.bool, device=device)
         margins = []
 
-        def take(logits, step):
+        def take(logits: torch.Tensor, step: int) -> None:
             if self.record_margins:
                 top2 = logits.float().topk(2, dim=-1).values  # [seqs, 2]
                 margins.append(top2[:, 0] - top2[:, 1])
             tokens = runner.sample(logits, sampling)
-            out[:, step] = tokens
+            new_tokens[:, step] = tokens
             if params.stop_token_ids:
                 done.logical_or_(torch.isin(tokens, stop_ids))
 
+        return new_tokens, done, margins, take
+
+    def _prefill(self, my_prompts: list[list[int]], busiest: int, longest: int,
+                 take) -> None:
+        """Prefill this replica's prompts in as many chunks as a replica of
+        `busiest` prompts runs, and take each sequence's first token."""
+        runner, device = self.runner, self.ctx.device
+        lens = [len(p) for p in my_prompts]
         self._sync()
         start = time.perf_counter()
         # Every replica runs as many prefill chunks as the busiest one: the
         # all_to_alls pair them up.
-        # prompts of the busiest replica
-        most = -(-len(prompts) // ctx.ep_size)
         per_chunk = max(1, self.max_prefill_tokens // longest)
         logits = []
-        for first in range(0, max(most, 1), per_chunk):
-            chunk = range(first, min(first + per_chunk, len(mine)))
+        for first in range(0, max(busiest, 1), per_chunk):
+            chunk = range(first, min(first + per_chunk, len(my_prompts)))
             ids = [t for i in chunk for t in my_prompts[i]]
             logits.append(runner.extend(ids, [lens[i] for i in chunk],
                                         [0] * len(chunk), list(chunk)))
+        # `sample` reads the rows and next positions the last forward left,
+        # only the last chunk's: it must see every sequence's.
+        rows = list(range(len(my_prompts)))
         runner.step_rows = torch.tensor(rows, dtype=torch.long, device=device)
         runner.step_next_positions = torch.tensor(lens, dtype=torch.long,
                                                   device=device)
         take(torch.cat(logits), 0)
         self._sync()
-        stats.prefill_seconds = time.perf_counter() - start
+        self.stats.prefill_seconds = time.perf_counter() - start
 
+    def _decode_steps(self, lens: list[int], busiest: int,
+                      params: SamplingParams, done: torch.Tensor, take) -> int:
+        """Decode steps after prompts of `lens` tokens, until every sequence of
+        every replica is done; returns the tokens taken per sequence."""
+        runner, stats = self.runner, self.stats
+        rows = list(range(len(lens)))
         # the same on every replica: shapes every replica agrees on
-        size = runner.padded_size(most)
+        size = runner.padded_size(busiest)
         positions, steps, start = lens, 1, time.perf_counter()
         # Without stop tokens every sequence runs to max_new_tokens: no need
         # to ask (a host sync).
@@ -177,16 +203,23 @@ class StaticEngine:
         self._sync()
         stats.decode_seconds = time.perf_counter() - start
         stats.decode_steps = steps - 1
+        return steps
 
-        results = [_result(p, row, params.stop_token_ids)
-                   for p, row in zip(my_prompts, out[:, :steps].tolist())]
+    def _collect_results(self, prompts: list[list[int]], mine: list[int],
+                         new_tokens: torch.Tensor, margins: list[torch.Tensor],
+                         stop_ids: tuple[int, ...]) -> list[GenerationResult]:
+        """Every replica's results on every rank, in prompt order; `new_tokens`
+        [seqs, steps] holds this replica's."""
+        my_prompts = [prompts[i] for i in mine]
+        results = [_result(p, row, stop_ids)
+                   for p, row in zip(my_prompts, new_tokens.tolist())]
         if self.record_margins:
             # [seqs, steps]
             per_seq = torch.stack(margins, dim=1).tolist() if mine else []
             for result, row in zip(results, per_seq):
                 result.margins = row[:len(result.output_ids)]
         results = self._gather(dict(zip(mine, results)), len(prompts))
-        stats.output_tokens = sum(len(r.output_ids) for r in results)
+        self.stats.output_tokens = sum(len(r.output_ids) for r in results)
         return results
 
     @torch.no_grad()

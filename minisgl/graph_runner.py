@@ -37,6 +37,20 @@ class GraphRunner(ModelRunner):
         self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_lens: dict[int, torch.Tensor] = {}
 
+    @torch.no_grad()
+    def decode(self, rows: list[int], positions: list[int],
+               size: int | None = None) -> torch.Tensor:
+        size = max(size or 0, len(rows))
+        if size not in self.graphs:
+            return super().decode(rows, positions, size)
+        n, pad = len(rows), size - len(rows)
+        self.upload(rows + [self.cache.scratch_row] * pad + positions
+                    + [0] * pad, out=self.graph_inputs[:2 * size])
+        self.graphs[size].replay()
+        self.step_rows, self.step_next_positions = (self.graph_inputs[:size],
+                                                    self.graph_lens[size])
+        return self.graph_logits[size][:n]
+
     def _graph_batch(self, size: int) -> ForwardBatch:
         rows, positions = (self.graph_inputs[:size],
                            self.graph_inputs[size:2 * size])
@@ -72,17 +86,3 @@ class GraphRunner(ModelRunner):
             self.graph_lens[size] = batch.seq_lens
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
-
-    @torch.no_grad()
-    def decode(self, rows: list[int], positions: list[int],
-               size: int | None = None) -> torch.Tensor:
-        size = max(size or 0, len(rows))
-        if size not in self.graphs:
-            return super().decode(rows, positions, size)
-        n, pad = len(rows), size - len(rows)
-        self.upload(rows + [self.cache.scratch_row] * pad + positions
-                    + [0] * pad, out=self.graph_inputs[:2 * size])
-        self.graphs[size].replay()
-        self.step_rows, self.step_next_positions = (self.graph_inputs[:size],
-                                                    self.graph_lens[size])
-        return self.graph_logits[size][:n]

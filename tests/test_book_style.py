@@ -1,6 +1,8 @@
 """The book's house rules, checked on every chapter at once.
 
-For each notebook in notebooks/: code lines fit the page (79 characters), the prose speaks about
+For each notebook in notebooks/: every cell has an id (nbformat 4.5), code lines fit the page
+(79 characters), a code cell the reader sees fits a laptop's screen (MAX_LESSON_CELL lines; a
+cell whose input is hidden is a figure, not a lesson), the prose speaks about
 the engine and not about how the book was made (FORBIDDEN_PHRASES), links to other chapters point
 at files that exist, and the chapter opens with its "# NN · Title" heading. The pages in book/
 have their links checked too, and the roadmap figures must be what scripts/draw_roadmap.py draws.
@@ -19,6 +21,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 BOOK_PAGES = sorted((ROOT / "book").glob("*.md"))
 
 MAX_CODE_LINE = 79
+MAX_LESSON_CELL = 65
+# Cells read as one unit, longer than MAX_LESSON_CELL: (notebook, the name they define).
+LONG_CELLS_ALLOWED = {
+    # one Triton kernel; its pieces (_block_slots, _attend_block) are already
+    # separate functions
+    ("09_attention_kernels", "_decode_attention_kernel"),
+}
 
 # Words about how the book was produced, not about the engine. Case-sensitive where the word is
 # only wrong in one spelling ("MISSED" as a verdict; "missed" is ordinary English).
@@ -82,6 +91,27 @@ def test_code_lines_fit_the_page(path):
                 problems.append(f"{path.name} cell {number} line {line_number}: {len(line)} "
                                 f"characters: {line.strip()[:60]}...")
     fail_with(problems, f"code lines longer than {MAX_CODE_LINE} characters")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
+def test_every_cell_has_an_id(path):
+    missing = [str(number) for number, cell in enumerate(cells(path)) if "id" not in cell]
+    fail_with(missing and [f"{path.name} cells {', '.join(missing)}"], "notebooks with cells lacking an id")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
+def test_lesson_cells_fit_the_screen(path):
+    problems = []
+    for number, cell in enumerate(cells(path)):
+        if cell["cell_type"] != "code" or "hide-input" in cell["metadata"].get("tags", []):
+            continue
+        text = source(cell)
+        lines = len(text.splitlines())
+        defines = re.search(r"^(?:def|class) (\w+)", text, re.M)
+        name = defines.group(1) if defines else ""
+        if lines > MAX_LESSON_CELL and (path.stem, name) not in LONG_CELLS_ALLOWED:
+            problems.append(f"{path.name} cell {number}: {lines} lines ({name or text.splitlines()[0][:40]})")
+    fail_with(problems, f"code cells longer than {MAX_LESSON_CELL} lines")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)

@@ -304,7 +304,8 @@ def test_a_stopped_rank_times_out_in_one_line():
     line = assert_one_error(subprocess.CompletedProcess(command, proc.returncode, "", stderr), "timed out")
     # Which wait gives up first depends on where rank 1 stopped: a collective of the model (named, with its
     # group and the rank waited for), one of the runtime's own exchanges, or a group still being made.
-    assert re.fullmatch(r"error: (all_to_all|all_reduce|all_gather) over (EP group 0|the default group) "
+    groups = "EP group 0|the default group|the control group"
+    assert re.fullmatch(rf"error: (all_to_all|all_reduce|all_gather) over ({groups}) "
                         r"\(ranks \[0, 1\]\) timed out after [\d.]+ s waiting for rank 1"
                         r"|error: a collective timed out after --timeout 5 s waiting for another rank \(.*\)"
                         r"|error: joining the job timed out after --timeout 5 s: not every rank arrived \(.*\)",

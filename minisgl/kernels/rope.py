@@ -14,15 +14,6 @@ import triton.language as tl
 from .pdl import pdl_options, pdl_wait
 
 # %% ../../notebooks/09_attention_kernels.ipynb #2ef9318a
-# (heads per program, num_warps) of `qk_norm_rope_store`, up to and beyond
-# `ROPE_MANY_TOKENS` tokens: the fastest of 20 on an H200 at 1 and 8,192
-# tokens (lab/scripts/probe_kernels.py ->
-# results/probe/h200_kernels_2026-11-28.json): 1.9 us at one token, 47 us at
-# 8,192 (one head per program: 180).
-ROPE_MANY_TOKENS = 64
-ROPE_BLOCKS = {"few": (4, 4), "many": (8, 2)}
-
-
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, q_norm_ptr, k_norm_ptr,
                                cos_ptr, sin_ptr, pos_ptr, slot_ptr,
@@ -83,6 +74,15 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, q_norm_ptr, k_norm_ptr,
                 + (NUM_Q_HEADS + NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM
                 + full, mask=kv_mask)
     tl.store(v_cache_ptr + offset + full, v, mask=kv_mask)
+
+# %% ../../notebooks/09_attention_kernels.ipynb #a0486a97
+# (heads per program, num_warps) of `qk_norm_rope_store`, up to and beyond
+# `ROPE_MANY_TOKENS` tokens: the fastest of 20 on an H200 at 1 and 8,192
+# tokens (lab/scripts/probe_kernels.py ->
+# results/probe/h200_kernels_2026-11-28.json): 1.9 us at one token, 47 us at
+# 8,192 (one head per program: 180).
+ROPE_MANY_TOKENS = 64
+ROPE_BLOCKS = {"few": (4, 4), "many": (8, 2)}
 
 # %% ../../notebooks/09_attention_kernels.ipynb #e763a2ae
 def qk_norm_rope_store(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int,

@@ -188,46 +188,92 @@ class Scheduler:
         """The next step: decodes first, then prompt chunks; pages for all
         of it."""
         plan = StepPlan()
-        decodes, sampled, chunked = [], [], []   # (request, length) pairs
-        # 1. Every running request whose one pending token is its last
-        # sampled token decodes it. (With static batching a finished request
-        # stays and decodes too, over and over, its tokens thrown away: the
-        # waste static batching has.)
+        decodes = self._plan_decodes(plan)       # (request, 1) pairs
+        budget = self.max_prefill_tokens         # prompt tokens this step
+        chunks = self._plan_running_chunks(decodes, budget, plan)
+        budget -= sum(length for _, length in chunks)
+        if self._may_admit(len(decodes)):
+            chunks += self._admit_waiting(budget, plan)
+        self._write_plan(plan, decodes, chunks)
+        self.stats["steps"] += 1
+        return plan
+
+    def _plan_decodes(self, plan: StepPlan) -> list[tuple[Request, int]]:
+        """Every running request whose one pending token is the one it
+        sampled last decodes it: (request, 1) pairs, in order of arrival."""
+        decodes = []
         for request in list(self.running):
-            # Only static batching keeps finished requests running.
-            zombie = request.finished
-            if request not in self.running or not zombie and (
-                    request.num_pending != 1
-                    or not request.token_on_device):
-                continue
-            while not self._grow(request, 1, plan):
-                victim = next(r for r in reversed(self.running))
-                self._preempt(victim)
-                if victim is request:
-                    break
-            else:
-                decodes.append((request, 1))
-        # 2. Prompt chunks within the token budget: running requests' next
-        # chunks, then new ones.
-        budget = self.max_prefill_tokens
-        decoding = {id(r) for r, _ in decodes}
+            if request not in self.running:
+                continue  # preempted to make room for an earlier request
+            # With static batching a finished request stays and decodes too,
+            # over and over, its tokens thrown away: the waste static
+            # batching has.
+            if request.finished or (request.num_pending == 1
+                                    and request.token_on_device):
+                if self._grow_or_preempt(request, plan):
+                    decodes.append((request, 1))
+        return decodes
+
+    def _grow_or_preempt(self, request: Request, plan: StepPlan) -> bool:
+        """A page, if it needs one, for one more token of a running request.
+        While none is free, the newest running request is preempted: it has
+        the least work to lose. False if that was `request` itself."""
+        while not self._grow(request, 1, plan):
+            newest = self.running[-1]
+            self._preempt(newest)
+            if newest is request:
+                return False
+        return True
+
+    def _plan_running_chunks(self, decodes: list[tuple[Request, int]],
+                             budget: int,
+                             plan: StepPlan) -> list[tuple[Request, int]]:
+        """The next chunks of the running requests that do not decode, at
+        most `budget` tokens in all: (request, length) pairs."""
+        decoding = {id(request) for request, _ in decodes}
+        chunks = []
         for request in self.running:
             if id(request) in decoding or request.finished or budget <= 0:
                 continue
             length = self._fit(request, min(request.num_pending, budget),
                                plan)
             if length:
-                (sampled if length == request.num_pending
-                 else chunked).append((request, length))
+                chunks.append((request, length))
                 budget -= length
+        return chunks
+
+    def _fit(self, request: Request, length: int, plan: StepPlan) -> int:
+        """The longest chunk of at most `length` tokens whose pages can be
+        had (0: not even one)."""
+        while length > 0 and not self._grow(request, length, plan):
+            # Fewer tokens: keep what the pages already held cover, or one
+            # page's worth fewer.
+            covered = (len(request.pages) * self.page_size
+                       - request.num_computed)
+            length = (covered if 0 < covered < length
+                      else length - self.page_size)
+        return max(length, 0)
+
+    def _may_admit(self, num_decodes: int) -> bool:
+        """May waiting requests join this step, beside `num_decodes`
+        decodes?"""
         if self.static:
-            admitting = not self._busy()
-        else:
-            admitting = not decodes or len(self.free_rows) >= min(
-                self.admit_group, len(self.waiting))
+            return not self._busy()
+        return not num_decodes or len(self.free_rows) >= min(
+            self.admit_group, len(self.waiting))
+
+    def _busy(self) -> bool:
+        return any(not r.finished for r in self.running)
+
+    def _admit_waiting(self, budget: int,
+                       plan: StepPlan) -> list[tuple[Request, int]]:
+        """Waiting requests admitted, first come first served, with the first
+        chunks of their prompts, at most `budget` tokens in all:
+        (request, length) pairs."""
+        chunks = []
         # Static batching takes the whole batch in at once (its prompts then
         # go chunk by chunk).
-        while admitting and self.waiting and (budget > 0 or self.static):
+        while self.waiting and (budget > 0 or self.static):
             request = self.waiting[0]
             if self.static and not self._reserve(request):
                 break
@@ -246,17 +292,39 @@ class Scheduler:
                 request.status, request.num_computed = "waiting", 0
                 self.waiting.appendleft(request)
                 break
-            (sampled if length == request.num_pending
-             else chunked).append((request, length))
+            chunks.append((request, length))
             budget -= length
-        # 3. Requests that sample come first, so the runner samples the
-        # first num_sampled rows. The plan counts as done from here on: the
-        # next step runs after this one on the device, so it may build on it
-        # before its tokens reach the host (a decode's input is None: the
-        # token it sampled last, still on the device).
+        return chunks
+
+    def _reserve(self, request: Request) -> bool:
+        """Static batching reserves the whole length up front: are there
+        pages for it?"""
+        need = self._pages_for(len(request.prompt_ids)
+                               + request.params.max_new_tokens)
+        reserved = sum(self._pages_for(len(r.prompt_ids)
+                                       + r.params.max_new_tokens)
+                       - len(r.pages) for r in self.running)
+        return need + reserved <= self.pool.num_free + (
+            self.cache.num_pages if self.cache else 0)
+
+    def _write_plan(self, plan: StepPlan, decodes: list[tuple[Request, int]],
+                    chunks: list[tuple[Request, int]]) -> None:
+        """Fill the plan with the step's decodes and prompt chunks, and count
+        their tokens as computed."""
+        # A chunk of all of a request's pending tokens ends its prompt: the
+        # request samples. Requests that sample come first, so the runner
+        # samples the first num_sampled rows.
+        ending, partial = [], []
+        for request, length in chunks:
+            (ending if length == request.num_pending
+             else partial).append((request, length))
         plan.num_decodes, plan.num_sampled = (len(decodes),
-                                              len(decodes) + len(sampled))
-        for i, (request, length) in enumerate(decodes + sampled + chunked):
+                                              len(decodes) + len(ending))
+        # The plan counts as done from here on: the next step runs after this
+        # one on the device, so it may build on it before its tokens reach
+        # the host (a decode's input is None: the token it sampled last,
+        # still on the device).
+        for i, (request, length) in enumerate(decodes + ending + partial):
             start = request.num_computed
             plan.requests.append(request)
             plan.starts.append(start)
@@ -271,34 +339,6 @@ class Scheduler:
             if i < plan.num_sampled:
                 request.inflight += 1
                 request.token_on_device = True
-        self.stats["steps"] += 1
-        return plan
-
-    def _busy(self) -> bool:
-        return any(not r.finished for r in self.running)
-
-    def _reserve(self, request: Request) -> bool:
-        """Static batching reserves the whole length up front: are there
-        pages for it?"""
-        need = self._pages_for(len(request.prompt_ids)
-                               + request.params.max_new_tokens)
-        reserved = sum(self._pages_for(len(r.prompt_ids)
-                                       + r.params.max_new_tokens)
-                       - len(r.pages) for r in self.running)
-        return need + reserved <= self.pool.num_free + (
-            self.cache.num_pages if self.cache else 0)
-
-    def _fit(self, request: Request, length: int, plan: StepPlan) -> int:
-        """The longest chunk of at most `length` tokens whose pages can be
-        had (0: not even one)."""
-        while length > 0 and not self._grow(request, length, plan):
-            # Fewer tokens: keep what the pages already held cover, or one
-            # page's worth fewer.
-            covered = (len(request.pages) * self.page_size
-                       - request.num_computed)
-            length = (covered if 0 < covered < length
-                      else length - self.page_size)
-        return max(length, 0)
 
     def update(self, plan: StepPlan, tokens: list[int]) -> list[Request]:
         """The step ran: `tokens` are the first num_sampled requests' new
