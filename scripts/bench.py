@@ -20,9 +20,6 @@ the GPU, the layout and the date, which chapter 09 reads.
 import argparse
 import datetime
 import gc
-import json
-import os
-import re
 import statistics
 import sys
 import time
@@ -41,10 +38,7 @@ from minisgl.model import Qwen3MoeForCausalLM
 from minisgl.ops import reference_ops
 from minisgl.sampling import SamplingParams
 
-
-def log(*args):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
+from bench_common import log, report_path, write_report
 
 
 def timed(fn, device, repeat=1):
@@ -294,11 +288,7 @@ def main() -> int:
         report["reference"] = reference_transformers(config, device, args.prompt_len, args.reference_tokens,
                                                      batches=(1, 64), prefill=prefill_prompts(args, vocab))
     if ctx.rank == 0:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-        path = out_dir / f"{slug}_tp{ctx.tp_size}_ep{ctx.ep_size}_{report['date']}{args.tag}.json"
-        path.write_text(json.dumps(report, indent=2))
+        path = write_report(report, report_path(args.out, gpu, ctx.tp_size, ctx.ep_size, report["date"], args.tag))
         log(f"wrote {path}")
     if dist.is_initialized():
         dist.barrier()

@@ -9,7 +9,8 @@ Phases (each skippable with --skip):
   mixed    --requests requests with long-tailed lengths (prompts 16-2,048 tokens, outputs 16-1,024, both
            log-uniform), all submitted at once, through continuous batching and through static batching
            (a batch runs until its longest request ends): output tok/s, time to first token and time per
-           output token at p50/p99, peak memory;
+           output token at p50/p99, peak memory, and where the time went (host planning, host waiting,
+           device time of graph and eager steps); with --warmup full (the default) after one untimed pass;
   prefix   --prefix_requests requests on --systems shared system prompts of --system_len tokens, each with
            its own 64-token question and 64 new tokens, with and without the prefix cache: cache hits and
            the time saved.
@@ -17,15 +18,9 @@ One JSON file per run, named after the GPU, the layout and the date.
 """
 import argparse
 import datetime
-import json
-import math
-import os
 import random
-import re
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,37 +29,12 @@ from minisgl.generation import StaticEngine
 from minisgl.llm import LLM
 from minisgl.sampling import SamplingParams
 
-
-def log(*args):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
+from bench_common import Workload, log, mixed_workload, percentiles, prefix_workload, report_path, write_report
 
 
-def percentiles(values: list[float]) -> dict:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
-
-
-def log_uniform(rng: random.Random, low: int, high: int) -> int:
-    return int(math.exp(rng.uniform(math.log(low), math.log(high))))
-
-
-def mixed_workload(count: int, vocab: int, seed: int = 0):
-    "Prompts of 16-2,048 tokens and outputs of 16-1,024, log-uniform: many short, a long tail."
-    rng = random.Random(seed)
-    prompts, params = [], []
-    for _ in range(count):
-        prompts.append([rng.randrange(vocab) for _ in range(log_uniform(rng, 16, 2048))])
-        params.append(SamplingParams(max_new_tokens=log_uniform(rng, 16, 1024)))
-    return prompts, params
-
-
-def prefix_workload(count: int, systems: int, system_len: int, vocab: int, seed: int = 1):
-    rng = random.Random(seed)
-    system_prompts = [[rng.randrange(vocab) for _ in range(system_len)] for _ in range(systems)]
-    prompts = [system_prompts[i % systems] + [rng.randrange(vocab) for _ in range(64)] for i in range(count)]
-    return prompts, [SamplingParams(max_new_tokens=64)] * count
+def params_of(workload: Workload) -> tuple[list[list[int]], list[SamplingParams]]:
+    "A workload as `LLM.generate`'s prompts and per-request sampling parameters (greedy)."
+    return [p for p, _ in workload], [SamplingParams(max_new_tokens=n) for _, n in workload]
 
 
 def run_workload(llm: LLM, prompts, params) -> dict:
@@ -85,8 +55,8 @@ def run_workload(llm: LLM, prompts, params) -> dict:
             "time_to_first_token_seconds": percentiles([o.time_to_first_token for o in outputs]),
             "time_per_output_token_seconds": percentiles(per_token),
             "cached_prompt_tokens": sum(o.cached_tokens for o in outputs),
-            "steps": engine.stats["steps"] - steps_before["steps"],
-            "graph_steps": engine.stats["graph_steps"] - steps_before["graph_steps"],
+            # steps of each kind, and where their time went (host planning and waiting; device time per kind)
+            **{name: engine.stats[name] - steps_before[name] for name in engine.stats},
             "peak_memory_bytes": torch.cuda.max_memory_allocated(llm.ctx.device)}
 
 
@@ -99,6 +69,8 @@ def main() -> int:
     p.add_argument("--systems", type=int, default=8)
     p.add_argument("--system_len", type=int, default=1024)
     p.add_argument("--max_running_requests", type=int, default=256)
+    p.add_argument("--warmup", choices=["full", "short"], default="full",
+                   help="before the timed mixed passes: the whole workload once (full), or 16 requests (short)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: single,mixed,static,prefix")
     p.add_argument("--out", default="results/runtime")
     p.add_argument("--tag", default="")
@@ -121,12 +93,7 @@ def main() -> int:
 
     def save():  # after every phase: a run cut short still leaves its numbers
         if ctx.rank == 0:
-            out_dir = Path(args.out)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-            path = out_dir / f"{slug}_tp{ctx.tp_size}_ep{ctx.ep_size}_{report['date']}{args.tag}.json"
-            path.write_text(json.dumps(report, indent=2))
-            return path
+            return write_report(report, report_path(args.out, gpu, ctx.tp_size, ctx.ep_size, report["date"], args.tag))
 
     log(f"runtime bench on {ctx.world_size} x {gpu}: tp={ctx.tp_size} ep={ctx.ep_size}; KV cache "
         f"{report['kv_cache']['tokens']:,} tokens in pages of {cache.page_size}; started in {llm.start_seconds:.1f} s")
@@ -154,8 +121,17 @@ def main() -> int:
             f"({100 * r['runtime_over_bare']:.1f}%)")
 
     if "mixed" not in skip:
-        prompts, params = mixed_workload(args.requests, vocab)
-        llm.generate(prompts[:16], params[:16])  # warm-up: prefill shapes, chunking
+        prompts, params = params_of(mixed_workload(args.requests, vocab))
+        if args.warmup == "full":
+            # Triton compiles a kernel again for each new specialisation it meets (sizes divisible by 16,
+            # aligned pointers, block counts), up to seconds each; a first pass meets them all, and the
+            # timed passes (continuous, then static) both run warm, as a server does after its first minutes.
+            warm = run_workload(llm, prompts, params)
+            phases["mixed_warmup"] = {"seconds": warm["seconds"], "output_tokens_per_second":
+                                      warm["output_tokens_per_second"]}
+            log(f"mixed, warm-up pass (compiling as it goes): {warm['seconds']:.1f} s")
+        else:
+            llm.generate(prompts[:16], params[:16])  # warm-up: prefill shapes, chunking
         llm.engine.reset_prefix_cache()
         r = run_workload(llm, prompts, params)
         phases["mixed_continuous"] = r
@@ -164,7 +140,7 @@ def main() -> int:
             f"{r['time_to_first_token_seconds']['p50']:.2f} s, TPOT p50 "
             f"{1e3 * r['time_per_output_token_seconds']['p50']:.1f} ms")
     if "prefix" not in skip:
-        prompts, params = prefix_workload(args.prefix_requests, args.systems, args.system_len, vocab)
+        prompts, params = params_of(prefix_workload(args.prefix_requests, vocab, args.systems, args.system_len))
         for name, use_cache in (("prefix_cached", True), ("prefix_uncached", False)):
             llm.engine.reset_prefix_cache()
             if not use_cache:
@@ -179,7 +155,7 @@ def main() -> int:
                 f"{r['time_to_first_token_seconds']['p50']:.3f} s")
 
     if "static" not in skip and "mixed_continuous" in phases:
-        prompts, params = mixed_workload(args.requests, vocab)
+        prompts, params = params_of(mixed_workload(args.requests, vocab))
         llm.engine.reset_prefix_cache()
         llm.engine.scheduler.static = True
         r = run_workload(llm, prompts, params)

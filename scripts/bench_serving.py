@@ -25,27 +25,17 @@ from pathlib import Path
 
 import httpx
 
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": sum(ordered) / len(ordered)}
+from bench_common import Workload, mixed_workload, percentiles, prefix_workload, random_workload, write_report
 
 
-def workload(args) -> list[tuple[list[int], int]]:
-    "(prompt token ids, max_tokens) per request, from a seeded generator."
-    rng = random.Random(args.seed)
-    log_uniform = lambda low, high: int(math.exp(rng.uniform(math.log(low), math.log(high))))
-    token = lambda: rng.randrange(100, args.vocab)
+def workload(args) -> Workload:
+    "(prompt token ids, max_tokens) per request: the offline bench's workloads, seed for seed."
+    seed = {} if args.seed is None else {"seed": args.seed}  # None: the workload's own default seed
     if args.workload == "mixed":
-        return [([token() for _ in range(log_uniform(16, 2048))], log_uniform(16, 1024)) for _ in range(args.requests)]
+        return mixed_workload(args.requests, args.vocab, **seed)
     if args.workload == "prefix":
-        systems = [[token() for _ in range(args.system_len)] for _ in range(args.systems)]
-        return [(systems[i % args.systems] + [token() for _ in range(64)], 64) for i in range(args.requests)]
-    return [([token() for _ in range(rng.randint(args.min_len, args.max_len))], rng.randint(args.min_len, args.max_len))
-            for _ in range(args.requests)]
+        return prefix_workload(args.requests, args.vocab, args.systems, args.system_len, **seed)
+    return random_workload(args.requests, args.vocab, args.min_len, args.max_len, **seed)
 
 
 async def one_request(client: httpx.AsyncClient, args, prompt: list[int], max_tokens: int) -> dict:
@@ -65,7 +55,7 @@ async def one_request(client: httpx.AsyncClient, args, prompt: list[int], max_to
                     chunk = json.loads(line[5:])
                     if chunk.get("usage"):
                         tokens = chunk["usage"]["completion_tokens"]
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if chunk.get("choices"):  # tokens arrived (text may be held back: half a character)
                         arrivals.append(time.perf_counter() - start)
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -78,7 +68,7 @@ async def run(args) -> dict:
     requests = workload(args)
     limits = httpx.Limits(max_connections=None if args.concurrency == 0 else args.concurrency)
     semaphore = asyncio.Semaphore(args.concurrency) if args.concurrency else None
-    rng = random.Random(args.seed + 1)
+    rng = random.Random((args.seed or 0) + 1)  # the arrival times' own stream
     progress = None
     try:
         from tqdm import tqdm
@@ -132,7 +122,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--request_rate", type=float, default=math.inf, help="requests per second, Poisson (inf: all at once)")
     p.add_argument("--concurrency", type=int, default=0, help="at most this many in flight (0: no limit)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="the workload's seed (default: bench_runtime.py's)")
     p.add_argument("--vocab", type=int, default=151936, help="token ids are drawn below this")
     p.add_argument("--systems", type=int, default=8)
     p.add_argument("--system_len", type=int, default=1024)
@@ -151,8 +141,7 @@ def main() -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"serving_{args.workload}_{report['date']}{args.tag}.json"
-        path.write_text(json.dumps(report, indent=2))
+        path = write_report(report, out / f"serving_{args.workload}_{report['date']}{args.tag}.json")
         print(f"wrote {path}")
     return 1 if report["failed"] else 0
 

@@ -170,6 +170,46 @@ def test_radix_cache_match_insert_and_lru_eviction():
     assert cache.evict(10) == 3 and cache.num_pages == 0 and pool.num_free == 9
 
 
+def test_radix_cache_keeps_its_leaves_under_random_inserts_and_evictions():
+    """`leaves` (what eviction picks from, kept up to date so that it never walks the tree) is exactly the set
+    of nodes without children, whatever inserts and evictions came before; pages held by a request are
+    never evicted."""
+    import random
+
+    rng = random.Random(0)
+    pool = PagePool(200, 2)
+    cache = RadixCache(pool)
+    held = []
+    for _ in range(400):
+        if rng.random() < 0.6:
+            tokens = [rng.randrange(3) for _ in range(rng.randint(2, 12))]
+            pages = pool.allocate(len(tokens) // 2)
+            if pages is None:
+                continue
+            cache.insert(tokens, pages)
+            if rng.random() < 0.3:
+                held.append(pages)  # a request still running on them
+            else:
+                pool.release(pages)
+        else:
+            cache.evict(rng.randint(1, 6))
+        nodes, stack = [], list(cache.root.children.values())
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        assert cache.leaves == {n for n in nodes if not n.children}
+        assert cache.num_pages == len(nodes)
+        assert all(pool.holders[p] >= 1 for pages in held for p in pages)
+
+
+def test_requests_are_compared_by_identity():
+    "Two requests with the same fields are two requests (and looking one up never compares prompts)."
+    from minisgl.runtime.request import Request
+    a, b = Request(0, [1, 2, 3], SamplingParams()), Request(0, [1, 2, 3], SamplingParams())
+    assert a != b and a == a and [a].count(b) == 0 and len({a, b}) == 2
+
+
 def test_preempted_requests_recompute_in_chunks(tiny_checkpoint, alone):
     "Tight pages and tiny chunks: recomputation after preemption itself runs in several chunks."
     llm = make_llm(tiny_checkpoint, max_total_tokens=100, page_size=2, max_prefill_tokens=3, max_running_requests=6)

@@ -4,7 +4,6 @@ answered with OpenAI's error body while serving goes on, a client that leaves mi
 scripts/bench_serving.py against the one-rank server."""
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -191,9 +190,11 @@ def test_server(tiny_checkpoint, offline, nproc, layout):
 
 def test_bench_serving(tiny_checkpoint, tmp_path):
     "The load generator against the one-rank server: every request answered, every percentile reported."
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_common import random_workload
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
     options = ["--workload", "random", "--requests", "8", "--min_len", "4", "--max_len", "12", "--vocab", "256",
                "--request_rate", "50", "--seed", "3"]
     server = Server(tiny_checkpoint, 1, "--max_seq_len", "512")
@@ -208,9 +209,58 @@ def test_bench_serving(tiny_checkpoint, tmp_path):
     report = json.loads(path.read_text())
     assert report["requests"] == 8 and report["failed"] == 0 and report["errors"] == []
     # With ignore_eos every request generates its max_tokens: the workload the script drew, seed for seed.
-    args = bench.argparse.Namespace(workload="random", requests=8, min_len=4, max_len=12, vocab=256, seed=3)
-    assert report["output_tokens"] == sum(n for _, n in bench.workload(args))
-    assert report["prompt_tokens"] == sum(len(p) for p, _ in bench.workload(args))
+    requests = random_workload(8, vocab=256, min_len=4, max_len=12, seed=3)
+    assert report["output_tokens"] == sum(n for _, n in requests)
+    assert report["prompt_tokens"] == sum(len(p) for p, _ in requests)
     for metric in ("time_to_first_token_seconds", "time_per_output_token_seconds", "inter_token_latency_seconds"):
         p = report[metric]
         assert 0 <= p["p50"] <= p["p90"] <= p["p99"], (metric, p)
+
+
+def test_text_stream_deltas_join_to_the_whole_text():
+    """Streamed deltas, whatever the chunking of the tokens, join to the whole output's text cut before its
+    first stop string; multi-byte characters are never split, and the whole-response path agrees."""
+    import random
+
+    from minisgl.server.app import _TextStream
+    from minisgl.tokenizer import ByteTokenizer
+
+    tokenizer, rng = ByteTokenizer(), random.Random(0)
+    pieces = ["a", "b", " ", "\n", "é", "€", "😀", "END", "EN", "stop"]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        stop = tuple(rng.sample(["END", "stop", "€b", "x"], rng.randint(0, 2)))
+        ids = tokenizer.encode(text)
+        hits = [text.find(s) for s in stop if s in text]
+        expected = text[:min(hits)] if hits else text
+        stream, deltas, i = _TextStream(tokenizer, stop), [], 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            deltas.append(stream.delta(ids[i:i + n], final=i + n >= len(ids)))
+            i += n
+        assert "".join(deltas) == expected, (text, stop, deltas)
+        assert all("\ufffd" not in d for d in deltas), deltas
+        whole = _TextStream(tokenizer, stop)
+        whole.ids += ids
+        assert whole.delta([], final=True) == expected
+
+
+def test_fault_mix_leaves_the_server_up_and_every_page_free(tiny_checkpoint, tmp_path):
+    """scripts/check_serving_faults.py for a few seconds against the one-rank server: valid requests of three
+    kinds, clients hanging up mid-stream, four kinds of bad request; every answer checked, the server up
+    after it, and every page back."""
+    server = Server(tiny_checkpoint, 1, "--max_seq_len", "256")
+    try:
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_serving_faults.py"), "--base_url",
+                              server.url, "--seconds", "8", "--concurrency", "6", "--max_prompt", "48",
+                              "--max_tokens", "24", "--vocab", "320", "--settle_seconds", "20", "--out",
+                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert server.health()["status"] == "ok"
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    [path] = tmp_path.glob("faults_*.json")
+    report = json.loads(path.read_text())
+    kinds = ("stream", "whole", "chat", "disconnect", "bad_json", "unknown_model", "bad_value", "too_long")
+    assert all(report["counts"].get(kind, 0) > 0 for kind in kinds), report["counts"]
+    assert report["server_up"] and report["all_pages_back"] and not report["failures"]

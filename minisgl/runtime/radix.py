@@ -38,6 +38,9 @@ class RadixCache:
         self.pool, self.page_size = pool, pool.page_size
         self.root = _Node((), -1, None)
         self.num_pages = 0
+        # Nodes without children: the candidates for eviction, kept as the
+        # tree changes so that evicting never walks the whole tree.
+        self.leaves: set[_Node] = set()
         self._clock = itertools.count(1)
 
     def _pages_of(self, tokens: list[int]):
@@ -67,6 +70,8 @@ class RadixCache:
             child = node.children.get(key)
             if child is None:
                 child = node.children[key] = _Node(key, page, node)
+                self.leaves.discard(node)
+                self.leaves.add(child)
                 self.pool.hold([page])
                 self.num_pages += 1
             child.last_used = now
@@ -76,8 +81,7 @@ class RadixCache:
         """Free up to `count` pages that only the tree holds, least recently
         used leaves first (a leaf's parent becomes a leaf in turn). Returns
         how many pages were freed."""
-        leaves = [(n.last_used, id(n), n) for n in self._nodes()
-                  if not n.children]
+        leaves = [(n.last_used, id(n), n) for n in self.leaves]
         heapq.heapify(leaves)
         freed = 0
         while leaves and freed < count:
@@ -85,18 +89,13 @@ class RadixCache:
             if self.pool.holders[node.page] != 1:
                 continue  # a running request uses this page: it stays
             del node.parent.children[node.tokens]
+            self.leaves.remove(node)
             self.pool.release([node.page])
             self.num_pages -= 1
             freed += 1
             parent = node.parent
             if parent is not self.root and not parent.children:
+                self.leaves.add(parent)
                 heapq.heappush(leaves,
                                (parent.last_used, id(parent), parent))
         return freed
-
-    def _nodes(self):
-        stack = list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from ..sampling import SamplingParams
 
 # %% ../../notebooks/14_requests_and_batching.ipynb #a33d39c9
-@dataclass
+# eq=False: requests are told apart by identity, not by comparing every
+# field (prompts included) whenever one is looked up in a queue.
+@dataclass(eq=False)
 class Request:
     """One prompt's journey through the runtime. The scheduler moves it from
     `waiting` to running (it then owns a page-table row and pages), and

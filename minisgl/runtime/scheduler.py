@@ -203,7 +203,7 @@ class Scheduler:
         sampled last decodes it: (request, 1) pairs, in order of arrival."""
         decodes = []
         for request in list(self.running):
-            if request not in self.running:
+            if request.status == "waiting":
                 continue  # preempted to make room for an earlier request
             # With static batching a finished request stays and decodes too,
             # over and over, its tokens thrown away: the waste static

@@ -9,6 +9,7 @@ __all__ = ['create_app']
 
 # %% ../../notebooks/16_server.ipynb #b1a46053
 import json
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,31 +24,52 @@ from .protocol import (
 
 # %% ../../notebooks/16_server.ipynb #672a8e0d
 class _TextStream:
-    """Turns a request's growing token ids into text deltas: the whole
-    output is decoded each time (a token may end in the middle of a
-    character) and cut before a stop string."""
+    """Turns a request's growing token ids into text deltas, in time linear
+    in the output: each step decodes only the window `ids[prefix:]`, whose
+    `ids[prefix:read]` are context already decoded. Incomplete characters
+    and a possible start of a stop string are held back; the text is cut
+    before the first stop string."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop, self.ids, self.sent = tokenizer, stop, [], 0
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""               # of ids[:read], whole characters
+        self.prefix = self.read = 0  # the window's context: ids[prefix:read]
+        self.searched = 0            # characters searched for stop strings
+        self.cut = -1                # where the first stop string begins
+        self.sent = 0                # characters sent
 
-    def text(self, final: bool) -> str:
-        text = (self.tokenizer.decode(self.ids) if self.tokenizer is not None
-                else "")
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-        if cut >= 0:
-            return text[:cut]
-        if not final:
-            # Hold back what may be the start of a stop string, or half a
-            # character.
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            text = text[:len(text) - hold] if hold else text
-            text = text.rstrip("\ufffd")
-        return text
+    def _decode_new(self, final: bool) -> None:
+        "Add the text of the ids past `read`, once it is whole (or final)."
+        if self.tokenizer is None or self.read == len(self.ids):
+            return
+        context = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(window) > len(context) and (
+                final or not window.endswith("\ufffd")):
+            self.text += window[len(context):]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def _find_stop(self) -> None:
+        "Search the new text (and the overlap a stop string may span)."
+        if self.cut < 0 and self.stop:
+            hits = [self.text.find(s, max(0, self.searched - len(s) + 1))
+                    for s in self.stop]
+            self.cut = min((h for h in hits if h >= 0), default=-1)
+        self.searched = len(self.text)
 
     def delta(self, new_ids: list[int], final: bool) -> str:
+        "What may be sent now that `new_ids` came (all of it if `final`)."
         self.ids += new_ids
-        text = self.text(final)
-        piece, self.sent = text[self.sent:], max(self.sent, len(text))
+        self._decode_new(final)
+        self._find_stop()
+        if self.cut >= 0:
+            safe = self.cut
+        else:
+            hold = 0 if final else max(map(len, self.stop), default=1) - 1
+            safe = max(len(self.text) - hold, 0)
+        piece = self.text[self.sent:safe]
+        self.sent = max(self.sent, safe)
         return piece
 
 # %% ../../notebooks/16_server.ipynb #0805a1dd
@@ -209,7 +231,9 @@ class Handlers:
                 tokens += len(update.new_ids)
                 final = update.finish_reason is not None
                 piece = text.delta(update.new_ids, final)
-                if piece or first or final:
+                # A chunk for every update, even one whose text is held back:
+                # the client sees each step's tokens arrive.
+                if piece or update.new_ids or first or final:
                     yield _sse(reply.chunk(
                         piece, update.finish_reason if final else None, first))
                     first = False
@@ -234,13 +258,19 @@ class Handlers:
         finally:
             if last is None or last.finish_reason is None:
                 self.frontend.abort(reply.request_id)
-        return reply.whole(text.text(final=True), last, tokens)
+        # One decode of the whole output, cut before a stop string.
+        return reply.whole(text.delta([], final=True), last, tokens)
 
 # %% ../../notebooks/16_server.ipynb #8831362d
 async def _stream_updates(stream):
-    "A request's updates as they arrive, up to its last."
+    """A request's updates as they arrive, up to its last. Updates that
+    queued up while the handler was busy come as one: a client that falls
+    behind gets fewer, larger chunks, not a growing backlog."""
     while True:
         update = await stream.queue.get()
+        while update.finish_reason is None and not stream.queue.empty():
+            later = stream.queue.get_nowait()
+            update = replace(later, new_ids=update.new_ids + later.new_ids)
         yield update
         if update.finish_reason is not None:
             return
