@@ -9,6 +9,8 @@ One run measures, in this order:
   eager      the same single sequence with the reference operations (plain PyTorch, no graphs), fewer tokens;
   batch      256 concurrent sequences, 512 tokens in / 256 out, prefill included: output tok/s;
   prefill    16 prompts of 512 tokens (8,192 tokens) in one prefill, split over the EP replicas: tok/s;
+  long       one sequence after a prompt of 4k, 16k and 32k tokens (--long_contexts): decode tok/s beside
+             its roofline, where each step reads the active weights and the whole KV cache so far;
   reference  (--reference, rank 0 alone, after our model is freed) transformers' generate on one GPU of
              the same machine with the same shapes, and its forward pass over the prefill phase's
              prompts: the floor we compare against;
@@ -171,7 +173,9 @@ def main() -> int:
     p.add_argument("--decode_tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--prefill_seqs", type=int, default=16)
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,eager,batch,prefill")
+    p.add_argument("--long_contexts", default="4096,16384,32768", help="the long phase's prompt lengths")
+    p.add_argument("--long_decode_tokens", type=int, default=128)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,eager,batch,prefill,long")
     p.add_argument("--reference", action="store_true", help="also time transformers' generate (rank 0, one GPU)")
     p.add_argument("--reference_tokens", type=int, default=32)
     p.add_argument("--no_graphs", action="store_true")
@@ -204,9 +208,11 @@ def main() -> int:
         f"batch-1 decode roofline (1 GPU) {bandwidth / active_bytes:.0f} tok/s")
 
     max_len = args.prompt_len + args.decode_tokens + 8
+    long_contexts = [] if "long" in skip else [int(n) for n in args.long_contexts.split(",") if n]
+    long_len = max(long_contexts, default=0) + args.long_decode_tokens + 8
     start = time.perf_counter()
     ops = fast_ops(ctx, config.hidden_size, torch.bfloat16, two_shot_max_tokens=args.two_shot_max_tokens)
-    model = Qwen3MoeForCausalLM(config, ctx, dtype=torch.bfloat16, max_positions=max_len, ops=ops)
+    model = Qwen3MoeForCausalLM(config, ctx, dtype=torch.bfloat16, max_positions=max(max_len, long_len), ops=ops)
     model.load(DummySource(config, seed=0, device=device))
     torch.cuda.synchronize(device)
     report["load_seconds"] = time.perf_counter() - start
@@ -270,6 +276,27 @@ def main() -> int:
         phases["prefill"] = r
         log(f"prefill {tokens} tokens: {r['tokens_per_second']:.0f} tok/s = {100 * r['matmul_fraction']:.0f}% of "
             f"the bf16 matmul ceiling of {ctx.world_size} GPU(s)")
+
+    if long_contexts:
+        # Keys and values of every layer, bytes per token of context, for the whole model (all ranks).
+        kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+        long_engine = StaticEngine(make_runner(model, 1, long_len, graphs=not args.no_graphs))
+        phases["long"] = {}
+        for context in long_contexts:
+            prompt = random_prompts(1, context, vocab, seed=4)
+            run_generate(long_engine, prompt, 4)  # warm-up at this length
+            r = run_generate(long_engine, prompt, args.long_decode_tokens)
+            # A step reads the active weights and, on average over the run, the cache of the prompt and
+            # half the new tokens.
+            read = active_bytes + kv_bytes * (context + args.long_decode_tokens / 2)
+            r["bytes_read_per_token"] = read
+            r["roofline_tokens_per_second"] = bandwidth / read
+            r["roofline_fraction"] = r["decode_tokens_per_second"] / r["roofline_tokens_per_second"]
+            phases["long"][str(context)] = r
+            log(f"long, {context:,}-token prompt: TTFT {r['time_to_first_token_seconds']:.2f} s, decode "
+                f"{r['decode_tokens_per_second']:.1f} tok/s = {100 * r['roofline_fraction']:.0f}% of its roofline "
+                f"({bandwidth / read:.0f} tok/s: {read / 1e9:.2f} GB per token)")
+        del long_engine
 
     if args.profile:
         engine.reserve_rows(max(1, args.batch // ctx.ep_size), max_len)
