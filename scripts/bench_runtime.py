@@ -6,6 +6,7 @@
 Phases (each skippable with --skip):
   single   one request, 512 prompt tokens, 256 new: decode tok/s through the runtime, beside the same
            request on the bare model runner (the static engine, no scheduler): the runtime's overhead;
+  batch    the same with --batch requests at once (bench.py's batch phase): decode and output tok/s;
   mixed    --requests requests with long-tailed lengths (prompts 16-2,048 tokens, outputs 16-1,024, both
            log-uniform), all submitted at once, through continuous batching and through static batching
            (a batch runs until its longest request ends): output tok/s, time to first token and time per
@@ -60,18 +61,39 @@ def run_workload(llm: LLM, prompts, params) -> dict:
             "peak_memory_bytes": torch.cuda.max_memory_allocated(llm.ctx.device)}
 
 
+def against_bare_runner(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The same requests through the runtime and on the bare model runner (the static engine: no scheduler,
+    no pages handed out step by step): decode and output tok/s of each, and the runtime's share."""
+    params = SamplingParams(max_new_tokens=new_tokens)
+    llm.generate(prompts, SamplingParams(max_new_tokens=8))  # warm-up at this size
+    llm.engine.reset_prefix_cache()
+    r = run_workload(llm, prompts, [params] * len(prompts))
+    # Every request decodes in every step: the batch's decode rate is its size over the time per token.
+    r["decode_tokens_per_second"] = len(prompts) / r["time_per_output_token_seconds"]["mean"]
+    llm.engine.reset_prefix_cache()
+    static = StaticEngine(llm.runner)
+    static.generate(prompts, SamplingParams(max_new_tokens=8))
+    static.generate(prompts, params)
+    s = static.stats
+    r["bare_runner_decode_tokens_per_second"] = len(prompts) * s.decode_steps / s.decode_seconds
+    r["bare_runner_output_tokens_per_second"] = len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds)
+    r["runtime_over_bare"] = r["decode_tokens_per_second"] / r["bare_runner_decode_tokens_per_second"]
+    return r
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp_size", type=int, default=1)
     p.add_argument("--ep_size", type=int, default=1)
     p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=256, help="the batch phase's sequences")
     p.add_argument("--prefix_requests", type=int, default=512)
     p.add_argument("--systems", type=int, default=8)
     p.add_argument("--system_len", type=int, default=1024)
     p.add_argument("--max_running_requests", type=int, default=256)
     p.add_argument("--warmup", choices=["full", "short"], default="full",
                    help="before the timed mixed passes: the whole workload once (full), or 16 requests (short)")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,mixed,static,prefix")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: single,batch,mixed,static,prefix")
     p.add_argument("--out", default="results/runtime")
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -98,27 +120,18 @@ def main() -> int:
     log(f"runtime bench on {ctx.world_size} x {gpu}: tp={ctx.tp_size} ep={ctx.ep_size}; KV cache "
         f"{report['kv_cache']['tokens']:,} tokens in pages of {cache.page_size}; started in {llm.start_seconds:.1f} s")
 
-    if "single" not in skip:
+    for name, count in (("single", 1), ("batch", args.batch)):
+        if name in skip:
+            continue
         rng = random.Random(5)
-        prompt = [[rng.randrange(vocab) for _ in range(512)]]
-        params = SamplingParams(max_new_tokens=256)
-        llm.generate(prompt, SamplingParams(max_new_tokens=8))   # warm-up
-        llm.engine.reset_prefix_cache()
-        r = run_workload(llm, prompt, [params])
-        r["decode_tokens_per_second"] = 1 / r["time_per_output_token_seconds"]["mean"]
-        llm.engine.reset_prefix_cache()
-        # The same request on the bare runner: the static engine steps it with no scheduler at all.
-        static = StaticEngine(llm.runner)
-        static.generate(prompt, SamplingParams(max_new_tokens=8))
-        static.generate(prompt, params)
-        s = static.stats
-        bare = s.decode_steps / s.decode_seconds
-        r["bare_runner_decode_tokens_per_second"] = bare
-        r["runtime_over_bare"] = r["decode_tokens_per_second"] / bare
-        phases["single"] = r
+        prompts = [[rng.randrange(vocab) for _ in range(512)] for _ in range(count)]
+        r = against_bare_runner(llm, prompts, 256)
+        phases[name] = r
         save()
-        log(f"single: runtime {r['decode_tokens_per_second']:.1f} tok/s, bare runner {bare:.1f} tok/s "
-            f"({100 * r['runtime_over_bare']:.1f}%)")
+        log(f"{name} ({count} x 512 in, 256 out): runtime decode {r['decode_tokens_per_second']:.1f} tok/s, bare "
+            f"runner {r['bare_runner_decode_tokens_per_second']:.1f} tok/s ({100 * r['runtime_over_bare']:.1f}%); "
+            f"output with prefill {r['output_tokens_per_second']:.0f} against "
+            f"{r['bare_runner_output_tokens_per_second']:.0f} tok/s")
 
     if "mixed" not in skip:
         prompts, params = params_of(mixed_workload(args.requests, vocab))
