@@ -72,8 +72,22 @@ def test_trivial_ranks_do_not_break_each_other():
         assert run_on_ranks(trivial, world_size, timeout_s=30) == list(range(world_size))
 
 
+def write_pid(pid_dir):
+    """This rank's pid in a file named after its rank, whole or not at all: once a rank fails, the others
+    may be killed at any moment, also between creating the file and writing it."""
+    path = os.path.join(pid_dir, str(dist.get_rank()))
+    with open(path + ".partial", "w") as file:
+        file.write(str(os.getpid()))
+    os.replace(path + ".partial", path)
+
+
+def read_pids(pid_dir) -> list[int]:
+    return [int(open(os.path.join(pid_dir, name)).read()) for name in os.listdir(pid_dir)
+            if not name.endswith(".partial")]
+
+
 def rank_2_raises(pid_dir):
-    open(os.path.join(pid_dir, str(dist.get_rank())), "w").write(str(os.getpid()))
+    write_pid(pid_dir)
     if dist.get_rank() == 2:
         raise ValueError("boom on rank two")
     dist.all_reduce(torch.ones(1))  # the others wait for rank 2, which never comes
@@ -85,7 +99,7 @@ def test_failing_rank_raises_its_traceback_quickly():
         with pytest.raises(RankError) as info:
             run_on_ranks(rank_2_raises, 4, pid_dir, timeout_s=60)
         elapsed = time.monotonic() - start
-        pids = [int(open(os.path.join(pid_dir, name)).read()) for name in os.listdir(pid_dir)]
+        pids = read_pids(pid_dir)
     message = str(info.value)
     assert message.startswith("rank 2 of 4 failed"), message
     assert "Traceback" in message and "rank_2_raises" in message and "ValueError: boom on rank two" in message
@@ -105,7 +119,7 @@ def test_rank_that_dies_without_a_word():
 
 
 def rank_1_never_joins(pid_dir):
-    open(os.path.join(pid_dir, str(dist.get_rank())), "w").write(str(os.getpid()))
+    write_pid(pid_dir)
     if dist.get_rank() == 1:
         while True:  # busy, but never calls the collective rank 0 waits in
             time.sleep(0.01)
@@ -118,7 +132,7 @@ def test_rank_that_never_reaches_the_collective_times_out_and_is_reaped():
         with pytest.raises((TimeoutError, RankError)) as info:
             run_on_ranks(rank_1_never_joins, 2, pid_dir, timeout_s=5)
         elapsed = time.monotonic() - start
-        pids = [int(open(os.path.join(pid_dir, name)).read()) for name in os.listdir(pid_dir)]
+        pids = read_pids(pid_dir)
     assert len(pids) == 2
     assert 4 < elapsed < 9, elapsed
     if info.type is TimeoutError:
