@@ -337,12 +337,14 @@ def parameters_per_rank(config: ModelConfig, tp_size: int,
     local_kv_heads = max(config.num_key_value_heads // tp_size, 1)
     local_heads = config.num_attention_heads // tp_size + local_kv_heads
     attention = 2 * h * d * local_heads + 2 * d
+    # The vocabulary is split in whole rows, ceil(vocab / tp) per rank.
+    vocab_rows = -(-config.vocab_size // tp_size)
     return {
-        "embedding": -(-counts["embedding"] // tp_size),
+        "embedding": vocab_rows * h,
         "attention": config.num_hidden_layers * attention,
         "router": counts["router"],
         "experts": counts["experts"] // (tp_size * ep_size),
         "dense_mlp": counts["dense_mlp"] // tp_size,
         "norms": counts["norms"],
-        "lm_head": -(-counts["lm_head"] // tp_size),
+        "lm_head": vocab_rows * h if counts["lm_head"] else 0,
     }

@@ -114,8 +114,8 @@ def _attention(q: torch.Tensor, cache: LayerCache, batch: ForwardBatch,
                scale: float) -> torch.Tensor:
     """Decode through the paged split-K kernel; prompts from their first
     token through FlashAttention; anything else (a prompt after a cached
-    prefix, a chunk, decodes mixed with prompts) through the paged prefill
-    kernel."""
+    prefix, a chunk) through the paged prefill kernel, and decodes mixed
+    with such prompts through the split-K kernel again."""
     if batch.num_tokens == 0:
         return q
     if batch.is_decode:

@@ -66,12 +66,13 @@ class GraphRunner(ModelRunner):
     def capture(self) -> None:
         """Record a graph for every decode size, largest first, so smaller
         ones reuse its memory."""
-        largest = max(self.decode_sizes, default=0)
-        self.graph_inputs[:largest].fill_(self.cache.scratch_row)
-        self.graph_inputs[largest:].zero_()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for size in sorted(self.decode_sizes, reverse=True):
+            # The warm-up really runs: every row the scratch row, at position
+            # 0 (rows [:size], then positions [size:2 * size]).
+            self.graph_inputs[:size].fill_(self.cache.scratch_row)
+            self.graph_inputs[size:2 * size].zero_()
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 # Warm up: Triton compiles, cuBLAS picks algorithms, NCCL

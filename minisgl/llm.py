@@ -47,8 +47,6 @@ def kv_cache_pages(plan: LaunchPlan, model, ctx: ParallelContext) -> int:
     else:
         raise ValueError("on a CPU give the KV cache's size in tokens: "
                          "--max_total_tokens N")
-    if args.max_total_tokens:
-        tokens = min(tokens, args.max_total_tokens)
     return 1 + -(-tokens // page_size)
 
 # %% ../notebooks/14_requests_and_batching.ipynb #f7ff99a7
@@ -107,11 +105,17 @@ class LLM:
             torch.cuda.synchronize(self.ctx.device)
 
     def _stop_check(self, request) -> bool:
-        """A stop string in the text so far (stop strings need the
-        tokenizer)."""
-        return bool(request.stop) and any(
-            s in self.tokenizer.decode(request.output_ids)
-            for s in request.stop)
+        """A stop string in the newest text (stop strings need the tokenizer).
+        It runs after every token, so a new stop string ends in the newest
+        token: decoding the last 4 tokens per character of the longest one (a
+        character is at most 4 bytes, a token at least one), and a few more,
+        finds it; decoding the whole output every time would cost time
+        quadratic in its length."""
+        if not request.stop:
+            return False
+        window = 4 * max(map(len, request.stop)) + 4
+        tail = self.tokenizer.decode(request.output_ids[-window:])
+        return any(s in tail for s in request.stop)
 
     def _text(self, output_ids: list[int],
               stop: tuple[str, ...]) -> str | None:
@@ -145,7 +149,7 @@ class LLM:
 
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 stop: tuple[str, ...] | list[tuple[str, ...]] = ()
+                 stop: str | tuple[str, ...] | list[tuple[str, ...]] = ()
                  ) -> list[RequestOutput]:
         """Outputs in prompt order. `params` and `stop` (stop strings) are
         one for all prompts or one per prompt. Call on every rank with the
@@ -153,6 +157,8 @@ class LLM:
         params = params or self.plan.params
         per_params = (params if isinstance(params, list)
                       else [params] * len(prompts))
+        if isinstance(stop, str):  # one stop string, not its characters
+            stop = (stop,)
         per_stop = (stop if stop and isinstance(stop[0], (tuple, list))
                     else [tuple(stop)] * len(prompts))
         if len(per_params) != len(prompts) or len(per_stop) != len(prompts):

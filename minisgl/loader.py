@@ -9,14 +9,13 @@ __all__ = ['save_random_checkpoint', 'checkpoint_shapes', 'SafetensorsSource', '
            'DummySource', 'weight_bytes']
 
 # %% ../notebooks/06_loader.ipynb #4490e7ea
-import json
 import zlib
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_file
 from .weights import CheckpointError, Shard, WeightSource
 
 # %% ../notebooks/06_loader.ipynb #f87e12d8
@@ -112,7 +111,11 @@ class SafetensorsSource(WeightSource):
         index = self.model_dir / "model.safetensors.index.json"
         single = self.model_dir / "model.safetensors"
         if index.is_file():
-            self.file_of = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_file(index, index.name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no \"weight_map\" "
+                                      f"object (tensor name -> file)")
+            self.file_of = weight_map
         elif single.is_file():
             with safe_open(single, framework="pt") as f:
                 self.file_of = dict.fromkeys(f.keys(), single.name)

@@ -262,7 +262,9 @@ def wait_until_generating(rank_1) -> None:
     """Until rank 1 has joined every group and started generating: its TCP connections (one per peer
     and group) stop changing for 1.5 s."""
     count, since = None, time.monotonic()
+    deadline = since + 60
     while time.monotonic() - since < 1.5 or not count:
+        assert time.monotonic() < deadline, "rank 1 opened no connection, or they never settled, in 60 s"
         now = len(rank_1.net_connections(kind="tcp"))
         if now != count:
             count, since = now, time.monotonic()
@@ -270,7 +272,7 @@ def wait_until_generating(rank_1) -> None:
 
 
 def test_a_stopped_rank_times_out_in_one_line():
-    """`kill -STOP` on rank 1 while it generates (with a 5 s timeout instead of 10):
+    """`kill -STOP` on rank 1 while it generates (with a 5 s timeout instead of the default 600):
     rank 0 gives up within the timeout plus a grace, with the collective's one line, and torchrun stops
     rank 1 within its own 30 s."""
     timeout = 5

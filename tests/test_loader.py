@@ -148,6 +148,13 @@ def test_missing_file_or_directory_is_named(sharded_tiny_checkpoint, tiny_config
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         SafetensorsSource(tmp_path / "empty")
+    # A damaged index, or one without its weight_map, is named too.
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm')
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        SafetensorsSource(broken)
+    (broken / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json.*weight_map"):
+        SafetensorsSource(broken)
 
 
 def test_dummy_source_is_layout_independent(tiny_config):
@@ -187,6 +194,15 @@ def test_meta_weight_bytes_equal_the_formula(tp_size, ep_size):
         model = build_rank(qwen3, tp_size, ep_size, rank, device="meta", dtype=torch.bfloat16)
         assert all(t.is_meta for t in [*model.parameters(), *model.buffers()]), "something was allocated"
         assert weight_bytes(model) == expected
+
+
+def test_weight_count_with_a_vocabulary_tp_does_not_divide():
+    "258 tokens (bytes and two specials) over 4 ranks: 65 whole rows each, as the embedding allocates them."
+    import dataclasses
+    config = dataclasses.replace(preset("tiny"), vocab_size=258)
+    for tp_size in (2, 4):
+        model = build_rank(config, tp_size, 1, 0, device="meta", dtype=torch.bfloat16)
+        assert weight_bytes(model) == sum(parameters_per_rank(config, tp_size, 1).values()) * 2
 
 
 def test_memory_per_gpu_in_gib():

@@ -98,6 +98,9 @@ def test_stop_tokens_strings_and_lengths(tiny_checkpoint, alone):
     assert outputs[1].output_ids == alone[1][:cut] and outputs[1].finish_reason == "stop"
     assert outputs[2].finish_reason == "stop" and stop_string not in outputs[2].text
     assert alone[2][:len(outputs[2].output_ids)] == outputs[2].output_ids
+    # One stop string given alone is that string, not its characters.
+    [alone_string] = llm.generate(PROMPTS[2:3], params[2], stop=stop_string)
+    assert alone_string.output_ids == outputs[2].output_ids
     assert page_accounting(llm)
 
 

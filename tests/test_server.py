@@ -150,6 +150,10 @@ def check_bad_requests(server):
             client.completions.create(**fields)
         body = info.value.body
         assert info.value.status_code == 400 and body["message"] and body["type"] == "invalid_request_error", fields
+    # A chat with no max_tokens whose prompt alone fills the context.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x" * 700}])
+    assert info.value.body["code"] == "context_length_exceeded"
     raw = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     assert client.completions.create(model=server.model, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
@@ -264,3 +268,25 @@ def test_fault_mix_leaves_the_server_up_and_every_page_free(tiny_checkpoint, tmp
     kinds = ("stream", "whole", "chat", "disconnect", "bad_json", "unknown_model", "bad_value", "too_long")
     assert all(report["counts"].get(kind, 0) > 0 for kind in kinds), report["counts"]
     assert report["server_up"] and report["all_pages_back"] and not report["failures"]
+
+
+def test_finished_requests_leave_every_ranks_books():
+    """The serving loop reports tokens from a replica's first rank only, but every rank must forget its
+    finished requests, or ranks other than the first keep every request they ever served."""
+    from types import SimpleNamespace
+
+    from minisgl.runtime.request import Request
+    from minisgl.sampling import SamplingParams
+    from minisgl.server.frontend import _updates
+
+    def replica():
+        done, running = Request(0, [1, 2], SamplingParams()), Request(1, [3], SamplingParams())
+        done.output_ids, done.status, done.finish_reason = [5, 6], "finished", "length"
+        running.output_ids, running.status = [7], "running"
+        return SimpleNamespace(engine=SimpleNamespace(requests={0: done, 1: running}))
+
+    first, other = replica(), replica()
+    updates = _updates(first, {}, report=True)
+    assert [(u.request_id, u.new_ids, u.finish_reason) for u in updates] == [(0, [5, 6], "length"), (1, [7], None)]
+    assert _updates(other, {}, report=False) == []
+    assert list(first.engine.requests) == list(other.engine.requests) == [1]

@@ -122,7 +122,8 @@ class Engine:
         return request_id
 
     def abort(self, request_id: int) -> None:
-        "Stop a request (on every rank alike); its pages are freed at once."
+        """Stop a request (on every rank alike); its pages are freed at once,
+        except under static batching, where they wait for the batch's end."""
         self.scheduler.abort(request_id)
 
     @property
@@ -238,7 +239,9 @@ class Engine:
         tokens = step.tokens.tolist() if step.tokens is not None else []
         if step.gaps is not None:
             for request, gap in zip(step.plan.requests, step.gaps.tolist()):
-                request.margins = (request.margins or []) + [gap]
+                if request.margins is None:
+                    request.margins = []
+                request.margins.append(gap)
         return self.scheduler.update(step.plan, tokens)
 
     def flush(self) -> list[Request]:

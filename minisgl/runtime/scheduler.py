@@ -367,7 +367,7 @@ class Scheduler:
                 (request.status, request.finish_reason,
                  request.finish_time) = "finished", reason, now
                 finished.append(request)
-                if request in self.waiting:
+                if request.status == "waiting":
                     # Preempted while this step was running.
                     self.waiting.remove(request)
                 elif not self.static:
@@ -387,7 +387,8 @@ class Scheduler:
         if self.stop_check is not None and self.stop_check(request):
             return "stop"
         if (len(request.output_ids) >= params.max_new_tokens
-                or len(request.all_ids) >= self.max_seq_len):
+                or len(request.prompt_ids) + len(request.output_ids)
+                >= self.max_seq_len):
             return "length"
         return None
 

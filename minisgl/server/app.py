@@ -167,14 +167,16 @@ class Handlers:
     def sampling(self, body, prompt_ids: list[int],
                  max_tokens: int | None) -> SamplingParams:
         max_seq_len = self.max_seq_len
-        max_tokens = (max_tokens if max_tokens is not None
-                      else max_seq_len - len(prompt_ids))
-        if len(prompt_ids) + max_tokens > max_seq_len:
+        room = max_seq_len - len(prompt_ids)
+        # No max_tokens: whatever the context leaves (at least one token).
+        wanted = max_tokens if max_tokens is not None else max(room, 1)
+        if wanted > room:
             raise APIError(
                 f"this model's maximum context length is {max_seq_len} "
-                f"tokens; you requested {len(prompt_ids) + max_tokens} "
-                f"({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                f"tokens; you requested {len(prompt_ids) + wanted} "
+                f"({len(prompt_ids)} in the prompt, {wanted} for the "
                 f"completion)", "max_tokens", code="context_length_exceeded")
+        max_tokens = wanted
         if 0 < body.temperature < MIN_TEMPERATURE:
             raise APIError(f"temperature must be 0 or at least "
                            f"{MIN_TEMPERATURE}", "temperature")

@@ -95,14 +95,16 @@ class Frontend:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, update)
 
 # %% ../../notebooks/16_server.ipynb #76fdb7bf
-def _updates(llm: LLM, reported: dict[int, int]) -> list[Update]:
-    """This replica's requests' tokens since the last report; finished ones
-    leave the engine's books."""
+def _updates(llm: LLM, reported: dict[int, int],
+             report: bool = True) -> list[Update]:
+    """This replica's requests' tokens since the last report (only where
+    `report`: the replica's first rank); finished requests leave the
+    engine's books on every rank, or the others would keep them all."""
     updates = []
     for request_id, request in list(llm.engine.requests.items()):
         done = reported.get(request_id, 0)
         finished = request.finished
-        if len(request.output_ids) > done or finished:
+        if report and (len(request.output_ids) > done or finished):
             updates.append(Update(
                 request_id, request.output_ids[done:],
                 request.finish_reason if finished else None,
@@ -142,7 +144,7 @@ def serve_loop(llm: LLM, frontend: Frontend | None,
         busy = engine.has_work or engine.in_flight is not None
         if busy:
             engine.step()
-        mine = _updates(llm, reported) if ctx.tp_rank == 0 else []
+        mine = _updates(llm, reported, report=ctx.tp_rank == 0)
         if world > 1:
             every = [None] * world if ctx.rank == 0 else None
             dist.gather_object(mine, every, dst=0, group=group)
