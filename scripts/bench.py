@@ -22,7 +22,6 @@ the GPU, the layout and the date, which chapter 09 reads.
 import argparse
 import datetime
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,9 +37,8 @@ from minisgl.launch import make_runner
 from minisgl.loader import DummySource, weight_bytes
 from minisgl.model import Qwen3MoeForCausalLM
 from minisgl.ops import reference_ops
-from minisgl.sampling import SamplingParams
 
-from bench_common import log, report_path, write_report
+from bench_common import log, report_path, run_generate, write_report
 
 
 def timed(fn, device, repeat=1):
@@ -88,20 +86,6 @@ def replica_share(prompts, ctx):
     if len(prompts) % ctx.ep_size:
         raise SystemExit(f"--prefill_seqs {len(prompts)} is not divisible by ep_size {ctx.ep_size}")
     return prompts[ctx.ep_rank::ctx.ep_size]
-
-
-def run_generate(engine, prompts, new_tokens) -> dict:
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    results = engine.generate(prompts, params)
-    s = engine.stats
-    return {"sequences": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens,
-            "time_to_first_token_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
-            "decode_steps": s.decode_steps,
-            # Host time per step: far below the step time when the CPU runs ahead of the GPU, as it should.
-            "host_seconds_per_step_median": statistics.median(s.per_step_seconds) if s.per_step_seconds else None,
-            "decode_tokens_per_second": len(prompts) * s.decode_steps / s.decode_seconds if s.decode_seconds else None,
-            "output_tokens_per_second": len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds),
-            "first_output_ids": results[0].output_ids[:16]}
 
 
 def reference_transformers(config, device, prompt_len, new_tokens, batches, prefill) -> dict:

@@ -7,9 +7,11 @@ import math
 import os
 import random
 import re
+import statistics
 from pathlib import Path
 
 from minisgl.launch import write_report
+from minisgl.sampling import SamplingParams
 
 Workload = list[tuple[list[int], int]]  # (prompt token ids, max new tokens) per request
 
@@ -66,5 +68,20 @@ def report_path(out_dir: str | Path, gpu: str, tp_size: int, ep_size: int, date:
     return out_dir / f"{slug}_tp{tp_size}_ep{ep_size}_{date}{tag}.json"
 
 
+def run_generate(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    "Greedy generation on a `StaticEngine` (the bare model runner), timed by its own stats."
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    results = engine.generate(prompts, params)
+    s = engine.stats
+    return {"sequences": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens,
+            "time_to_first_token_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+            "decode_steps": s.decode_steps,
+            # Host time per step: far below the step time when the CPU runs ahead of the GPU, as it should.
+            "host_seconds_per_step_median": statistics.median(s.per_step_seconds) if s.per_step_seconds else None,
+            "decode_tokens_per_second": len(prompts) * s.decode_steps / s.decode_seconds if s.decode_seconds else None,
+            "output_tokens_per_second": len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds),
+            "first_output_ids": results[0].output_ids[:16]}
+
+
 __all__ = ["Workload", "log", "percentiles", "log_uniform", "mixed_workload", "prefix_workload", "random_workload",
-           "report_path", "write_report"]
+           "report_path", "run_generate", "write_report"]

@@ -30,7 +30,8 @@ from minisgl.generation import StaticEngine
 from minisgl.llm import LLM
 from minisgl.sampling import SamplingParams
 
-from bench_common import Workload, log, mixed_workload, percentiles, prefix_workload, report_path, write_report
+from bench_common import (Workload, log, mixed_workload, percentiles, prefix_workload, report_path, run_generate,
+                          write_report)
 
 
 def params_of(workload: Workload) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -72,11 +73,10 @@ def against_bare_runner(llm: LLM, prompts: list[list[int]], new_tokens: int) -> 
     r["decode_tokens_per_second"] = len(prompts) / r["time_per_output_token_seconds"]["mean"]
     llm.engine.reset_prefix_cache()
     static = StaticEngine(llm.runner)
-    static.generate(prompts, SamplingParams(max_new_tokens=8))
-    static.generate(prompts, params)
-    s = static.stats
-    r["bare_runner_decode_tokens_per_second"] = len(prompts) * s.decode_steps / s.decode_seconds
-    r["bare_runner_output_tokens_per_second"] = len(prompts) * new_tokens / (s.prefill_seconds + s.decode_seconds)
+    run_generate(static, prompts, 8)  # warm-up
+    bare = run_generate(static, prompts, new_tokens)
+    r["bare_runner_decode_tokens_per_second"] = bare["decode_tokens_per_second"]
+    r["bare_runner_output_tokens_per_second"] = bare["output_tokens_per_second"]
     r["runtime_over_bare"] = r["decode_tokens_per_second"] / r["bare_runner_decode_tokens_per_second"]
     return r
 

@@ -32,6 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def from_scripts(module: str, name: str):
+    "A name from one of scripts/ (they import each other by bare module name, as scripts do)."
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return getattr(__import__(module), name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
 class Server:
     "scripts/serve.py in the background (torchrun for several ranks); every process it started is tracked."
 
@@ -166,11 +175,10 @@ def check_disconnect(server):
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
+    all_pages_back = from_scripts("check_serving_faults", "all_pages_back")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        h = server.health()
-        if h["running"] == 0 and h["waiting"] == 0 and h["kv_pages"]["free"] + h["kv_pages"]["cached"] == \
-                h["kv_pages"]["total"]:
+        if all_pages_back(server.health()):
             return
         time.sleep(0.2)
     raise AssertionError(f"the request kept running after its client left: {server.health()}")
@@ -194,11 +202,7 @@ def test_server(tiny_checkpoint, offline, nproc, layout):
 
 def test_bench_serving(tiny_checkpoint, tmp_path):
     "The load generator against the one-rank server: every request answered, every percentile reported."
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from bench_common import random_workload
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    random_workload = from_scripts("bench_common", "random_workload")
     options = ["--workload", "random", "--requests", "8", "--min_len", "4", "--max_len", "12", "--vocab", "256",
                "--request_rate", "50", "--seed", "3"]
     server = Server(tiny_checkpoint, 1, "--max_seq_len", "512")
