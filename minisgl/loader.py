@@ -111,7 +111,9 @@ class SafetensorsSource(WeightSource):
         index = self.model_dir / "model.safetensors.index.json"
         single = self.model_dir / "model.safetensors"
         if index.is_file():
-            weight_map = read_json_file(index, index.name).get("weight_map")
+            listing = read_json_file(index, index.name)
+            weight_map = (listing.get("weight_map")
+                          if isinstance(listing, dict) else None)
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no \"weight_map\" "
                                       f"object (tensor name -> file)")

@@ -152,9 +152,10 @@ def test_missing_file_or_directory_is_named(sharded_tiny_checkpoint, tiny_config
     (broken / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm')
     with pytest.raises(ValueError, match="model.safetensors.index.json"):
         SafetensorsSource(broken)
-    (broken / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    with pytest.raises(CheckpointError, match="model.safetensors.index.json.*weight_map"):
-        SafetensorsSource(broken)
+    for listing in ('{"metadata": {}}', '["model.norm.weight"]'):
+        (broken / "model.safetensors.index.json").write_text(listing)
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json.*weight_map"):
+            SafetensorsSource(broken)
 
 
 def test_dummy_source_is_layout_independent(tiny_config):
