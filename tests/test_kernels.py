@@ -70,9 +70,10 @@ def test_qk_norm_rope_store(dtype, blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (2, 1)])
-@pytest.mark.parametrize("num_splits,page_size", [(4, 16), (1, 1), (None, 16)])
+@pytest.mark.parametrize("num_splits,page_size", [(4, 16), (1, 1), (None, 16), (16, 16)])
 def test_decode_attention(dtype, heads, kv_heads, num_splits, page_size):
-    "Keys through a page table whose pages are scattered, sequences of 1, 257 and 70 tokens."
+    """Keys through a page table whose pages are scattered, sequences of 1, 257 and 70 tokens (with 16 splits,
+    most of the short sequences' splits have no keys and write nothing)."""
     seqs, d, max_len = 3, 64, 320
     pages_per_row = max_len // page_size
     num_pages = 1 + seqs * pages_per_row
@@ -83,8 +84,9 @@ def test_decode_attention(dtype, heads, kv_heads, num_splits, page_size):
     q = torch.randn(seqs, heads, d, dtype=dtype, device=DEVICE)
     rows = torch.tensor([3, 0, 1], device=DEVICE)
     lens = torch.tensor([1, 257, 70], device=DEVICE)
+    # the merge over the whole head, and in blocks of 16 of its d
     out = decode_attention(q, k_cache, v_cache, page_table, page_size, rows, lens, scale=d ** -0.5,
-                           num_splits=num_splits, block_n=32)
+                           num_splits=num_splits, blocks=(32, 4, 2, 16 if heads == 8 else 64))
     for i in range(seqs):
         n, r = lens[i].item(), rows[i].item()
         positions = torch.arange(n, device=DEVICE)

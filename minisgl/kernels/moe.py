@@ -24,16 +24,18 @@ def _router_partial_kernel(x_ptr, w_ptr, part_ptr, hidden: tl.constexpr,
                            NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
                            BLOCK_K: tl.constexpr, NUM_PARTS: tl.constexpr,
                            PDL: tl.constexpr):
-    pdl_wait(PDL)
     # part[token, split] = x[token, k block] @ W[:, k block]^T, float32
     token = tl.program_id(0)
     split = tl.program_id(1)
     e = tl.arange(0, E_PAD)
     k = split * BLOCK_K + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + token * hidden + k, mask=k < hidden,
-                other=0.0).to(tl.float32)
+    # No kernel writes the router's weights: they are loaded before the wait
+    # for the kernel that writes x.
     w = tl.load(w_ptr + e[:, None] * hidden + k[None, :],
                 mask=(e < NUM_EXPERTS)[:, None] & (k < hidden)[None, :],
+                other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    x = tl.load(x_ptr + token * hidden + k, mask=k < hidden,
                 other=0.0).to(tl.float32)
     tl.store(part_ptr + (token * NUM_PARTS + split) * E_PAD + e,
              tl.sum(w * x[None, :], axis=1))
