@@ -29,6 +29,14 @@ def _block_slots(pages_ptr, block_start, end, PAGE_SIZE: tl.constexpr,
 
 
 @triton.jit
+def _split_chunk(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split of a sequence: its length over NUM_SPLITS, in whole
+    blocks. The attention kernel splits by it, the merge finds by it which
+    splits had keys: one definition for both."""
+    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _attend_block(q, k_cache_ptr, v_cache_ptr, slots, valid, head_base,
                   slot_stride, scale, m, l, acc, HEAD_DIM: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -75,7 +83,7 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr,
     row = tl.load(row_ptr + seq)
     # Flash-decoding: each split owns a contiguous chunk of the keys; a second
     # kernel merges them.
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = _split_chunk(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     if start < end:
@@ -159,7 +167,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr,
     # The splits that had keys, found as the attention kernel chunked them;
     # the others wrote nothing.
     seq_len = tl.load(len_ptr + head // NUM_Q_HEADS)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = _split_chunk(seq_len, NUM_SPLITS, BLOCK_N)
     splits = tl.arange(0, NUM_SPLITS)
     has_keys = splits < tl.cdiv(seq_len, chunk)
     pdl_wait(PDL)
